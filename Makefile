@@ -1,0 +1,26 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+# Idempotent: re-runs pip only when requirements.txt changes.
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(PY) -c "import torch, torchvision, pytorch_lightning, jsonargparse, torchmetrics, sklearn, matplotlib"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	bash scripts/demo.sh
+
+clean:
+	rm -rf runs/demo
