@@ -1,0 +1,19 @@
+"""asi_core: activation-compression training ops (vanilla, gradient filtering, HOSVD_ε, ASI) for
+Conv2d and Linear layers, applied to any PyTorch model with one call::
+
+    import asi_core
+    names = asi_core.patch(model, "asi", num_finetune=4, ranks=2)
+    ...train...
+    asi_core.unpatch(model)
+
+Plain PyTorch only (no Lightning, no data, no logging). See docs/asi_core_api.md.
+"""
+from .layers import CompressedConv2d, CompressedLayer, CompressedLinear
+from .methods import METHODS as _METHOD_REGISTRY
+from .methods import register_method
+from .patch import candidate_layers, patch, patched_layers, unpatch
+
+METHODS = tuple(_METHOD_REGISTRY)
+
+__all__ = ["patch", "unpatch", "patched_layers", "candidate_layers", "METHODS", "register_method",
+           "CompressedConv2d", "CompressedLinear", "CompressedLayer"]

@@ -1,0 +1,284 @@
+"""The training methods, as a registry (PEFT-style): each method is a small nn.Module attached to a
+wrapper layer (layers.py) that decides what the layer keeps for backward and how the weight
+gradient is formed. Two autograd Functions serve all methods and both layer types:
+
+- ``LowRankFn`` (hosvd, asi): keeps a Tucker form (core + factors) of the input; weight gradient
+  from it (eq. 15, lowrank.py); input gradient exact from the weight; bias gradient exact.
+- ``GradFilterFn`` (gradfilter): keeps the patch-summed input; patch-averaged output gradient.
+
+``vanilla`` is plain autograd: it is the honest baseline.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from .decompose import clip_ranks, hosvd, subspace_iteration
+
+__all__ = ["METHODS", "Method", "register_method", "LowRankFn", "GradFilterFn"]
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register_method(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+class LowRankFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, ops, compress):
+        y = ops.forward(x, weight, bias)
+        core, factors = compress(x)
+        ctx.ops, ctx.x_shape, ctx.n_factors = ops, x.shape, len(factors)
+        ctx.save_for_backward(weight, core, *factors)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, core, *factors = ctx.saved_tensors
+        ops = ctx.ops
+        grad_out = grad_out.contiguous()
+        gx = ops.input_grad(grad_out, weight, ctx.x_shape) if ctx.needs_input_grad[0] else None
+        gw = ops.weight_grad(core, factors, grad_out, weight.shape) if ctx.needs_input_grad[1] else None
+        gb = ops.bias_grad(grad_out) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
+
+
+class GradFilterFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, ops, radius):
+        y = ops.forward(x, weight, bias)
+        x_bar = ops.filter_input(x, radius)
+        ctx.ops, ctx.radius, ctx.x_shape = ops, radius, x.shape
+        ctx.save_for_backward(weight, x_bar)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, x_bar = ctx.saved_tensors
+        ops = ctx.ops
+        g_bar, g_tilde = ops.filter_grad(grad_out.contiguous(), ctx.radius)
+        gx = ops.input_grad(g_tilde.contiguous(), weight, ctx.x_shape) if ctx.needs_input_grad[0] else None
+        gw = ops.filter_weight_grad(x_bar, g_bar, weight.shape) if ctx.needs_input_grad[1] else None
+        gb = ops.bias_grad(grad_out) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name`` and ``option_names`` and implement ``train_forward``."""
+
+    name = ""
+    option_names: tuple[str, ...] = ()
+
+    def __init__(self, layer_name: str):
+        super().__init__()
+        self.layer_name = layer_name
+
+    @classmethod
+    def per_layer_options(cls, names: list[str], options: dict[str, Any]) -> list[dict[str, Any]]:
+        """Validate the user's options and split them into one dict per patched layer."""
+        unknown = sorted(k for k, v in options.items() if v is not None and k not in cls.option_names)
+        if unknown:
+            raise ValueError(f"method {cls.name!r} does not take option(s) {unknown}; "
+                             f"its options are {list(cls.option_names) or 'none'}")
+        return [{k: v for k, v in options.items() if k in cls.option_names and v is not None} for _ in names]
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def train_forward(self, layer, x):
+        raise NotImplementedError  # abstract: every registered method overrides it
+
+    def _record(self, layer, x, y, ranks, stored):
+        layer.last_stats = {"method": self.name, "input_shape": tuple(x.shape), "output_shape": tuple(y.shape),
+                            "ranks": None if ranks is None else tuple(int(r) for r in ranks),
+                            "stored_elements": int(stored)}
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v}" for k, v in self.options().items())
+
+
+@register_method
+class Vanilla(Method):
+    """Exact backward through plain autograd: the patched layer keeps its whole input."""
+
+    name = "vanilla"
+
+    def train_forward(self, layer, x):
+        y = layer.plain_forward(x)
+        self._record(layer, x, y, None, x.numel())
+        return y
+
+
+@register_method
+class GradFilter(Method):
+    """Gradient filtering (Yang et al. 2023) with patch radius R (conv.py/linear.py give the formula)."""
+
+    name = "gradfilter"
+    option_names = ("radius",)
+
+    def __init__(self, layer_name: str, radius: int = 2):
+        super().__init__(layer_name)
+        if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
+            raise ValueError(f"layer {layer_name!r}: gradfilter radius must be an integer >= 1, got {radius!r}")
+        self.radius = radius
+
+    def options(self):
+        return {"radius": self.radius}
+
+    def train_forward(self, layer, x):
+        x = layer.ops.prepare(x)
+        y = GradFilterFn.apply(x, layer.weight, layer.bias, layer.ops, self.radius)
+        self._record(layer, x, y, None, layer.ops.filtered_elements(tuple(x.shape), self.radius))
+        return y
+
+
+class _LowRank(Method):
+    """Shared by hosvd and asi: the Function, the bookkeeping; subclasses implement ``compress``."""
+
+    def train_forward(self, layer, x):
+        x = layer.ops.prepare(x)
+        self._last = None
+        y = LowRankFn.apply(x, layer.weight, layer.bias, layer.ops, self.compress)
+        ranks, stored = self._last
+        self._record(layer, x, y, ranks, stored)
+        return y
+
+    def _finish(self, x, core, factors, ranks):
+        self._last = (ranks, core.numel() + sum(u.numel() for u in factors if u is not None))
+        return core, factors
+
+
+@register_method
+class HOSVD(_LowRank):
+    """HOSVD_ε (Nguyen et al. 2024): a truncated HOSVD of the input at every training step."""
+
+    name = "hosvd"
+    option_names = ("eps",)
+
+    def __init__(self, layer_name: str, eps: float = 0.8):
+        super().__init__(layer_name)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps <= 1):
+            raise ValueError(f"layer {layer_name!r}: hosvd eps must be in (0, 1], got {eps!r}")
+        self.eps = float(eps)
+
+    def options(self):
+        return {"eps": self.eps}
+
+    def compress(self, x):
+        core, factors, ranks = hosvd(x, self.eps)
+        return self._finish(x, core, factors, ranks)
+
+
+MAX_MODES = 4
+
+
+@register_method
+class ASI(_LowRank):
+    """Activation Subspace Iteration (Alg. 1): fixed ranks, one subspace iteration per mode and step,
+    warm-started from the previous step's factors, which live in buffers (``factor_<m>``) so that a
+    state_dict save/load resumes the same subspace. ``step`` counts training forwards."""
+
+    name = "asi"
+    option_names = ("ranks", "warm_start", "seed")
+
+    def __init__(self, layer_name: str, ranks=1, warm_start: bool = True, seed: int = 0):
+        super().__init__(layer_name)
+        self.ranks = _check_ranks(layer_name, ranks)
+        self.warm_start = bool(warm_start)
+        self.seed = int(seed)
+        for m in range(MAX_MODES):
+            self.register_buffer(f"factor_{m}", torch.empty(0))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._warned_clip = False
+
+    @classmethod
+    def per_layer_options(cls, names, options):
+        per_layer = super().per_layer_options(names, options)
+        ranks = options.get("ranks")
+        if isinstance(ranks, (list, tuple)) and ranks and all(isinstance(r, (list, tuple)) for r in ranks):
+            if len(ranks) != len(names):
+                raise ValueError(f"asi: got {len(ranks)} per-layer rank tuples for {len(names)} patched layers "
+                                 f"({names}); give one tuple per layer, one tuple, or one int")
+            for opts, r in zip(per_layer, ranks):
+                opts["ranks"] = tuple(r)
+        for i, opts in enumerate(per_layer):
+            opts.setdefault("seed", 0)
+            opts["seed"] = int(opts["seed"]) * 1000 + i  # distinct, reproducible stream per layer
+        return per_layer
+
+    def options(self):
+        return {"ranks": self.ranks, "warm_start": self.warm_start}
+
+    def factors(self):
+        return [getattr(self, f"factor_{m}") for m in range(MAX_MODES)]
+
+    def target_ranks(self, shape) -> tuple[int, ...]:
+        wanted = (self.ranks,) * len(shape) if isinstance(self.ranks, int) else self.ranks
+        if len(wanted) != len(shape):
+            raise ValueError(f"layer {self.layer_name!r}: asi ranks {self.ranks} have {len(wanted)} entries but the "
+                             f"input has {len(shape)} modes (shape {tuple(shape)})")
+        clipped = clip_ranks(shape, wanted)
+        if clipped != tuple(wanted) and not self._warned_clip:
+            self._warned_clip = True
+            warnings.warn(f"layer {self.layer_name!r}: asi ranks {tuple(wanted)} clipped to {clipped} "
+                          f"for input shape {tuple(shape)}", stacklevel=3)
+        return clipped
+
+    def compress(self, x):
+        ranks = self.target_ranks(x.shape)
+        step = int(self.step)
+        previous = None
+        if self.warm_start and step > 0:
+            previous = [u if u.numel() else None for u in self.factors()]
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(self.seed * 100003 + step)
+        core, factors = subspace_iteration(x, ranks, previous, gen)
+        for m, u in enumerate(factors):
+            buf = getattr(self, f"factor_{m}")
+            if u is None:
+                buf.resize_(0)
+            else:
+                if buf.shape != u.shape or buf.dtype != u.dtype or buf.device != u.device:
+                    buf.data = torch.empty_like(u)
+                buf.copy_(u)
+        self.step += 1
+        return self._finish(x, core, factors, ranks)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Factor shapes are only known after the first forward: adopt the stored shapes.
+        for m in range(MAX_MODES):
+            key = f"{prefix}factor_{m}"
+            if key in state_dict:
+                buf = getattr(self, f"factor_{m}")
+                buf.data = torch.empty_like(state_dict[key], device=buf.device)
+        before = set(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # A checkpoint without warm-start state (e.g. from an unpatched model) means a cold start.
+        ours = {f"{prefix}factor_{m}" for m in range(MAX_MODES)} | {f"{prefix}step"}
+        missing_keys[:] = [k for k in missing_keys if k in before or k not in ours]
+
+
+def _check_ranks(layer_name, ranks):
+    def bad(value):
+        return ValueError(f"layer {layer_name!r}: asi ranks must be integers >= 1, got {value!r}")
+
+    if isinstance(ranks, bool):
+        raise bad(ranks)
+    if isinstance(ranks, int):
+        if ranks < 1:
+            raise bad(ranks)
+        return ranks
+    if isinstance(ranks, (list, tuple)) and ranks and all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        if any(r < 1 for r in ranks):
+            raise bad(tuple(ranks))
+        return tuple(ranks)
+    raise bad(ranks)

@@ -1,0 +1,108 @@
+"""Model-level API: choose layers, wrap them with a method, freeze what comes before, undo it."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+from torch import nn
+
+from .layers import CompressedConv2d, CompressedLayer, CompressedLinear
+from .methods import METHODS
+
+__all__ = ["patch", "unpatch", "patched_layers", "candidate_layers"]
+
+_LAYER_TYPES = {"conv": (nn.Conv2d, CompressedConv2d), "linear": (nn.Linear, CompressedLinear)}
+
+
+def candidate_layers(model: nn.Module, layer_type: str = "conv") -> list[str]:
+    """Qualified names of the layers ``patch`` can choose from, in registration order."""
+    if layer_type not in _LAYER_TYPES:
+        raise ValueError(f"unknown layer_type {layer_type!r}; valid layer types: {sorted(_LAYER_TYPES)}")
+    base = _LAYER_TYPES[layer_type][0]
+    return [n for n, m in model.named_modules() if isinstance(m, base)]
+
+
+def patched_layers(model: nn.Module) -> list[tuple[str, CompressedLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CompressedLayer)]
+
+
+def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = None,
+          layers: Optional[Iterable[str]] = None, layer_type: str = "conv", lean: Optional[bool] = None,
+          **options) -> list[str]:
+    """Replace the last ``num_finetune`` Conv2d (or Linear, ``layer_type="linear"``) modules of
+    ``model`` in registration order, or the explicitly named ``layers``, by wrappers training with
+    ``method``; freeze every parameter registered before the first patched layer.
+
+    Options: asi -> ``ranks`` (int, one tuple, or one tuple per layer), ``warm_start``, ``seed``;
+    hosvd -> ``eps``; gradfilter -> ``radius``. ``lean`` (default: on for every compressing method,
+    off for vanilla) also makes frozen eval-mode BatchNorm and ReLU/ReLU6 from the first patched
+    layer on keep no float activation (lean.py). Returns the patched layers' qualified names.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
+    candidates = candidate_layers(model, layer_type)
+    if patched_layers(model):
+        raise ValueError("model is already patched; call asi_core.unpatch(model) first")
+    names = _choose(candidates, num_finetune, layers, layer_type)
+    method_cls = METHODS[method]
+    per_layer = method_cls.per_layer_options(names, options)
+    wrapper_cls = _LAYER_TYPES[layer_type][1]
+    modules = dict(model.named_modules())
+    for name, opts in zip(names, per_layer):
+        base = modules[name]
+        wrapper = wrapper_cls(base, method_cls(name, **opts), name)
+        wrapper.train(base.training)
+        model.set_submodule(name, wrapper)
+        for p in (wrapper.weight, wrapper.bias):
+            if p is not None:
+                p.requires_grad_(True)
+    _freeze_before(model, names[0])
+    if lean is None:
+        lean = method != "vanilla"
+    if lean:
+        from .lean import make_lean
+        make_lean(model, names[0])
+    return names
+
+
+def unpatch(model: nn.Module) -> list[str]:
+    """Put the plain modules back, carrying the (trained) Parameters; undo lean replacements."""
+    names = []
+    for name, wrapper in patched_layers(model):
+        model.set_submodule(name, wrapper.to_plain())
+        names.append(name)
+    from .lean import unmake_lean
+    unmake_lean(model)
+    return names
+
+
+def _choose(candidates, num_finetune, layers, layer_type):
+    if layers is not None:
+        layers = list(layers)
+        missing = [n for n in layers if n not in candidates]
+        if missing:
+            raise ValueError(f"layer(s) {missing} not found among the model's {len(candidates)} {layer_type} layers "
+                             f"(first/last: {candidates[:3]} ... {candidates[-3:]})")
+        if not layers:
+            raise ValueError("layers is empty: name at least one layer")
+        order = {n: i for i, n in enumerate(candidates)}
+        return sorted(set(layers), key=order.__getitem__)
+    if num_finetune is None:
+        raise ValueError("give num_finetune (an int or 'all') or layers (a list of names)")
+    if not candidates:
+        raise ValueError(f"the model has no {layer_type} layers to patch")
+    if num_finetune == "all":
+        return list(candidates)
+    if isinstance(num_finetune, bool) or not isinstance(num_finetune, int) or num_finetune < 1:
+        raise ValueError(f"num_finetune must be an integer >= 1 or 'all', got {num_finetune!r}")
+    if num_finetune > len(candidates):
+        raise ValueError(f"num_finetune={num_finetune} is larger than the number of {layer_type} layers "
+                         f"in the model ({len(candidates)})")
+    return candidates[-num_finetune:]
+
+
+def _freeze_before(model: nn.Module, first: str):
+    prefix = first + "."
+    for name, p in model.named_parameters():
+        if name.startswith(prefix):
+            break
+        p.requires_grad_(False)
