@@ -1,0 +1,224 @@
+"""Model zoo: ``create_model(name, num_classes, pretrained)`` over a registry (timm-style).
+
+Architecture code and pretrained-weight loading are kept apart:
+
+* ``MODELS`` maps a name to a builder returning the ImageNet-shaped network (1000 classes)
+  and to where its published ImageNet weights live (URL + file name).
+* ``load_imagenet_weights`` resolves the weights: a local file under ``<ckpt_dir>/imagenet/``
+  first, then the published URL (downloaded into that same folder), and when neither works it
+  stops with a message naming the file to put where. It never continues with random weights.
+* ``create_model`` builds, optionally loads the weights, then replaces the classifier head
+  with a fresh ``nn.Linear(num_features, num_classes)`` (``reset_classifier``).
+
+``mcunet`` is MCUNet-in1 (``mcunet-5fps_imagenet``), written from the architecture facts in
+the public MCUNet release; module names follow the ProxylessNAS layout of that release
+(``first_conv.conv``, ``blocks.i.mobile_inverted_conv.depth_conv.bn``, ``classifier.linear``)
+so its published state_dict loads unchanged.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def ckpt_dir() -> Path:
+    """Where checkpoints live: ``$ASI_CKPT_DIR`` if set, else ``<repo>/ckpts``."""
+    return Path(os.environ.get("ASI_CKPT_DIR", REPO_ROOT / "ckpts"))
+
+
+# ----------------------------------------------------------------------------- MCUNet-in1
+# (in, out, kernel, stride, expand_ratio, identity_shortcut) per block, from mcunet-in1.json.
+MCUNET_IN1_BLOCKS = [
+    (16, 8, 3, 1, 1, False),
+    (8, 16, 3, 2, 4, False),
+    (16, 16, 3, 1, 3, True),
+    (16, 24, 7, 2, 3, False),
+    (24, 24, 3, 1, 5, True),
+    (24, 40, 3, 2, 5, False),
+    (40, 40, 7, 1, 4, True),
+    (40, 48, 5, 1, 4, False),
+    (48, 48, 3, 1, 3, True),
+    (48, 48, 3, 1, 4, True),
+    (48, 96, 7, 2, 5, False),
+    (96, 96, 5, 1, 4, True),
+    (96, 96, 5, 1, 4, True),
+    (96, 160, 3, 1, 6, False),
+]
+MCUNET_BN = dict(momentum=0.1, eps=1e-5)
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    """conv (no bias) -> BN -> optional ReLU6, named like ProxylessNAS's ``conv``/``bn``/``act``."""
+    ops = [("conv", nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)),
+           ("bn", nn.BatchNorm2d(cout, **MCUNET_BN))]
+    if act:
+        ops.append(("act", nn.ReLU6(inplace=True)))
+    return nn.Sequential(OrderedDict(ops))
+
+
+class MBInvertedConv(nn.Module):
+    """Inverted bottleneck (1x1 expand, absent when expand_ratio is 1) -> kxk depthwise -> 1x1 linear."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand_ratio: int):
+        super().__init__()
+        mid = cin * expand_ratio
+        self.inverted_bottleneck = _conv_bn(cin, mid, 1) if expand_ratio != 1 else None
+        self.depth_conv = _conv_bn(mid, mid, k, stride, groups=mid)
+        self.point_linear = _conv_bn(mid, cout, 1, act=False)
+
+    def forward(self, x):
+        if self.inverted_bottleneck is not None:
+            x = self.inverted_bottleneck(x)
+        return self.point_linear(self.depth_conv(x))
+
+
+class MBBlock(nn.Module):
+    def __init__(self, cin, cout, k, stride, expand_ratio, identity_shortcut):
+        super().__init__()
+        self.mobile_inverted_conv = MBInvertedConv(cin, cout, k, stride, expand_ratio)
+        self.identity_shortcut = identity_shortcut
+
+    def forward(self, x):
+        y = self.mobile_inverted_conv(x)
+        return y + x if self.identity_shortcut else y
+
+
+class _Linear(nn.Module):
+    """ProxylessNAS ``LinearLayer``: keeps the ``classifier.linear.*`` state_dict keys."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+class MCUNet(nn.Module):
+    """MCUNet-in1: first conv (3->16, s2) + 14 MB blocks + global average pool + linear (42 Conv2d)."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.first_conv = _conv_bn(3, 16, 3, stride=2)
+        self.blocks = nn.ModuleList(MBBlock(*cfg) for cfg in MCUNET_IN1_BLOCKS)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = _Linear(MCUNET_IN1_BLOCKS[-1][1], num_classes)
+
+    def forward(self, x):
+        x = self.first_conv(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+# ----------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class ModelSpec:
+    builder: Callable[[], nn.Module]  # ImageNet-shaped network, random init
+    head: str                         # dotted path of the final nn.Linear
+    weights_url: str                  # published ImageNet weights
+    weights_file: str                 # file name under <ckpt_dir>/imagenet/
+    resolution: int                   # native ImageNet resolution (informative)
+
+
+def _tv(fn_name: str) -> Callable[[], nn.Module]:
+    def build():
+        import torchvision.models as tvm
+        return getattr(tvm, fn_name)(weights=None)
+    return build
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mcunet": ModelSpec(MCUNet, "classifier.linear",
+                        "https://hanlab18.mit.edu/projects/tinyml/mcunet/release/mcunet-5fps_imagenet.pth",
+                        "mcunet-5fps_imagenet.pth", 96),
+    "mobilenet_v2": ModelSpec(_tv("mobilenet_v2"), "classifier.1",
+                              "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+                              "mobilenet_v2-b0353104.pth", 224),
+    "resnet18": ModelSpec(_tv("resnet18"), "fc",
+                          "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+                          "resnet18-f37072fd.pth", 224),
+    "resnet34": ModelSpec(_tv("resnet34"), "fc",
+                          "https://download.pytorch.org/models/resnet34-b627a593.pth",
+                          "resnet34-b627a593.pth", 224),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; valid choices: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def imagenet_weights_path(name: str) -> Path:
+    return ckpt_dir() / "imagenet" / get_spec(name).weights_file
+
+
+def _download(url: str, dst: Path) -> None:
+    """Fetch ``url`` to ``dst`` (separate function so tests can simulate being offline)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(dst), progress=False)
+
+
+def load_imagenet_weights(name: str, model: nn.Module) -> Path:
+    """Load the published ImageNet weights of ``name`` into ``model``; return the file used.
+
+    Order: ``<ckpt_dir>/imagenet/<file>`` if present, else download the published file there.
+    If both fail, raise ``FileNotFoundError`` naming the file to put where.
+    """
+    spec = get_spec(name)
+    path = imagenet_weights_path(name)
+    if not path.is_file():
+        try:
+            _download(spec.weights_url, path)
+        except Exception as err:  # offline, proxy, HTTP error ...
+            if path.exists():
+                path.unlink()
+            raise FileNotFoundError(
+                f"ImageNet weights for model {name!r} are not available: no local file {path} and the download "
+                f"of {spec.weights_url} failed ({type(err).__name__}: {err}).\n"
+                f"Fix: on a machine with internet, download {spec.weights_url} and put it at {path} "
+                f"(or set ASI_CKPT_DIR to the folder holding imagenet/{spec.weights_file}); "
+                f"or pass --model.pretrained false to train from random weights on purpose."
+            ) from err
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd:  # MCUNet release wraps the weights
+        sd = sd["state_dict"]
+    model.load_state_dict(sd, strict=True)
+    return path
+
+
+def get_submodule_parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = dotted.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def reset_classifier(model: nn.Module, head: str, num_classes: int) -> nn.Linear:
+    """Replace the final ``nn.Linear`` at dotted path ``head`` by a fresh one with ``num_classes`` outputs."""
+    parent, attr = get_submodule_parent(model, head)
+    old = getattr(parent, attr)
+    new = nn.Linear(old.in_features, num_classes)
+    setattr(parent, attr, new)
+    return new
+
+
+def create_model(name: str, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """Backbone + global pooling + linear head with ``num_classes`` outputs.
+
+    ``pretrained=True`` loads the published ImageNet weights (see ``load_imagenet_weights``)
+    before the head is replaced; it raises rather than fall back to random weights.
+    """
+    spec = get_spec(name)
+    model = spec.builder()
+    if pretrained:
+        load_imagenet_weights(name, model)
+    reset_classifier(model, spec.head, num_classes)
+    return model

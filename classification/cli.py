@@ -1,0 +1,248 @@
+"""The project's command line: ``python main.py {fit,validate,test,...} --config ... [--section.key value]``.
+
+``ASICLI`` is a LightningCLI over ``ClassificationModel`` and ``ClassificationData`` that adds:
+
+* a run directory ``runs/setup<A|B>/<model>/<dataset>/<method>/<exp_name>/`` holding TensorBoard and
+  CSV logs, the resolved ``config.yaml``, ``checkpoints/{best,last}.ckpt`` and ``metrics.json``;
+* setup B plumbing: a half-1 (pretraining) fit exports its weights to ``ckpts/setupB/<model>_<dataset>.ckpt``,
+  which half-2 (fine-tuning) runs load by default as ``--model.checkpoint``;
+* the paper's trainer defaults (L2 gradient clipping 2.0) and a Rich progress bar.
+
+Adding a subcommand
+-------------------
+One method on ``ASICLI`` (or a subclass) decorated with ``@subcommand``. It receives the instantiated
+``model`` and ``datamodule`` (and can use ``self.trainer`` / ``self.run_dir``); its other typed,
+documented parameters become the subcommand's options::
+
+    @subcommand
+    def measure(self, model, datamodule, batches: int = 5):
+        '''Measure activation memory of the fine-tuned layers.
+
+        Args:
+            batches: number of training batches to average over.
+        '''
+
+A command that needs no model (e.g. a report over finished runs) is one entry in
+``STANDALONE_COMMANDS`` (name -> function); its signature becomes its options (jsonargparse.CLI).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from jsonargparse import Namespace
+from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, _get_short_description
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+import asi_core
+
+from .backbones import MODELS, ckpt_dir
+from .callbacks import WeightsDigest
+from .data import DATASETS, ClassificationData, num_classes_of
+from .model import ClassificationModel
+from .rundir import default_exp_name, run_dir, write_metrics
+
+# The paper's recipe (App. B.1) where it is a Trainer setting; every key stays overridable.
+TRAINER_DEFAULTS = {"gradient_clip_val": 2.0, "gradient_clip_algorithm": "norm", "max_epochs": 50,
+                    "log_every_n_steps": 10}
+
+STANDALONE_COMMANDS: dict[str, Callable] = {}
+
+
+def subcommand(fn: Callable) -> Callable:
+    """Mark an ``ASICLI`` method as a subcommand named like the method."""
+    fn._asi_subcommand = True
+    return fn
+
+
+def setup_b_checkpoint(backbone: str, dataset: str) -> Path:
+    """Where a setup-B pretraining run (half 1) exports its weights and where fine-tuning looks for them."""
+    return ckpt_dir() / "setupB" / f"{backbone}_{dataset}.ckpt"
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Writes the resolved config to ``<run_dir>/config.yaml`` (``config_<stage>.yaml`` for validate/test)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            name = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
+            path = Path(trainer.default_root_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+        self.already_saved = True
+
+
+class ASICLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True, **kwargs):
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("auto_configure_optimizers", False)  # the recipe lives in ClassificationModel
+        self.run_dir: Optional[Path] = None
+        super().__init__(ClassificationModel, ClassificationData, args=args, run=run, **kwargs)
+
+    # ------------------------------------------------------------------ subcommand registry
+    @classmethod
+    def extra_subcommands(cls) -> list[str]:
+        names = []
+        for klass in reversed(cls.__mro__):
+            names += [n for n, f in vars(klass).items() if getattr(f, "_asi_subcommand", False) and n not in names]
+        return names
+
+    @classmethod
+    def subcommands(cls) -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), **{n: {"model", "datamodule"} for n in cls.extra_subcommands()}}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        # As LightningCLI's, except that a subcommand may be a method of this class instead of the Trainer's.
+        self._subcommand_parsers = {}
+        parser_subcommands = parser.add_subcommands()
+        extra = self.extra_subcommands()
+        for name in self.subcommands():
+            owner = type(self) if name in extra else self.trainer_class
+            description = _get_short_description(getattr(owner, name))
+            sub_kwargs = dict(kwargs.get(name, {}))
+            sub_kwargs.setdefault("description", description)
+            self._subcommand_parsers[name] = self._prepare_subcommand_parser(owner, name, **sub_kwargs)
+            parser_subcommands.add_subcommand(name, self._subcommand_parsers[name], help=description)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand not in self.extra_subcommands():
+            return super()._run_subcommand(subcommand)
+        for hook in (f"before_{subcommand}", subcommand, f"after_{subcommand}"):
+            fn = getattr(self, hook, None)
+            if callable(fn):
+                fn(**self._prepare_subcommand_kwargs(subcommand)) if hook == subcommand else fn()
+
+    # ------------------------------------------------------------------ parser
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--exp_name", type=Optional[str], default=None,
+                            help="Last component of the run directory; default: derived from the method's settings.")
+        parser.add_argument("--run_root", type=str, default="runs",
+                            help="Root of the run directories (runs/<setup>/<model>/<dataset>/<method>/<exp_name>/).")
+        parser.link_arguments("data.name", "model.num_classes", compute_fn=num_classes_of)
+
+    def _section(self) -> Namespace:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def _check_choices(self, cfg: Namespace) -> None:
+        for what, value, choices in (("model", cfg.model.backbone, MODELS), ("dataset", cfg.data.name, DATASETS),
+                                     ("method", cfg.model.method, asi_core.METHODS)):
+            if value not in choices:
+                self._parser(self.subcommand).error(
+                    f"Unknown {what} {value!r}; valid choices: {', '.join(choices)}")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._section()
+        self._check_choices(cfg)
+        m, d = cfg.model, cfg.data
+        if d.setup == "B" and d.half == 2 and m.checkpoint is None:
+            default = setup_b_checkpoint(m.backbone, d.name)
+            if not default.is_file():
+                self._parser(self.subcommand).error(
+                    f"setup B fine-tuning (half 2) starts from a checkpoint pretrained on half 1: pass "
+                    f"--model.checkpoint, or create {default} with a pretraining run (--data.half 1 "
+                    f"--model.method vanilla --model.num_finetune all, configs/recipes/setupB_pretrain.yaml)")
+            m.checkpoint = str(default)
+        if cfg.trainer.default_root_dir:
+            self.run_dir = Path(cfg.trainer.default_root_dir)
+        else:
+            exp = cfg.exp_name or ("pretrain" if d.setup == "B" and d.half == 1 else
+                                   default_exp_name(m.method, m.num_finetune, m.ranks, m.eps, m.radius))
+            self.run_dir = run_dir(cfg.run_root, d.setup, m.backbone, d.name, m.method, exp)
+            cfg.trainer.default_root_dir = str(self.run_dir)
+
+    def after_instantiate_classes(self) -> None:
+        self.datamodule.run_dir = self.run_dir
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        tcfg = self._get(self.config_init, "trainer", default={})
+        callbacks = list(tcfg.get("callbacks") or [])
+        loggers_on = tcfg.get("logger") in (None, True)
+        if loggers_on:
+            kwargs["logger"] = [TensorBoardLogger(str(self.run_dir), name="tensorboard"),
+                                CSVLogger(str(self.run_dir), name="csv")]
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if tcfg.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(ModelCheckpoint(dirpath=str(self.run_dir / "checkpoints"), filename="best",
+                                             monitor="val/acc", mode="max", save_last=True,
+                                             enable_version_counter=False))
+        if tcfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RichProgressBar())
+        callbacks.append(WeightsDigest())
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    # ------------------------------------------------------------------ results
+    def _settings(self) -> dict:
+        cfg = self._section()
+        return {"setup": cfg.data.setup, "model": cfg.model.backbone, "dataset": cfg.data.name,
+                "method": cfg.model.method, "num_finetune": cfg.model.num_finetune,
+                "exp_name": self.run_dir.name, "seed": cfg.get("seed_everything"),
+                "max_epochs": cfg.trainer.max_epochs, "world_size": self.trainer.world_size,
+                "model_args": cfg.model.as_dict(), "data_args": cfg.data.as_dict()}
+
+    def _scalars(self, prefix: str) -> dict:
+        return {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(prefix)}
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        t, ck, cm = self.trainer, self.trainer.checkpoint_callback, self.trainer.callback_metrics
+        out = {
+            "run_dir": str(self.run_dir),
+            "settings": self._settings(),
+            "fit": self._scalars("train/") | self._scalars("val/"),
+            "epochs_completed": t.current_epoch, "global_step": t.global_step,
+            "patched_layers": list(self.model.patched),
+            "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in self.model.parameters()),
+        }
+        if "val/acc" in cm:
+            out["val_acc"] = float(cm["val/acc"])
+        if ck is not None:
+            out["best_ckpt"], out["last_ckpt"] = ck.best_model_path, ck.last_model_path
+            if ck.best_model_score is not None:
+                out["best_val_acc"] = float(ck.best_model_score)
+        cfg = self._section()
+        if cfg.data.setup == "B" and cfg.data.half == 1:
+            out["exported_ckpt"] = str(self._export_pretrained(ck))
+        write_metrics(self.run_dir, out)
+
+    def _export_pretrained(self, ck: Optional[ModelCheckpoint]) -> Path:
+        """Setup B, half 1: save the best weights where half-2 fine-tuning runs look for them."""
+        cfg = self._section()
+        best = ck.best_model_path if ck is not None and ck.best_model_path else None
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"] if best \
+            else self.model.state_dict()
+        dst = setup_b_checkpoint(cfg.model.backbone, cfg.data.name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")},
+                    "backbone": cfg.model.backbone, "dataset": cfg.data.name, "num_classes": cfg.model.num_classes,
+                    "source_run": str(self.run_dir), "source_ckpt": best}, dst)
+        return dst
+
+    def after_validate(self) -> None:
+        if self.trainer.is_global_zero:
+            write_metrics(self.run_dir, {"validate": self._scalars("val/")})
+
+    def after_test(self) -> None:
+        if self.trainer.is_global_zero:
+            res = self._scalars("test/")
+            write_metrics(self.run_dir, {"test": res, **({"test_acc": res["test/acc"]} if "test/acc" in res else {})})
+
+
+def cli_main(args: Optional[list[str]] = None, cli_class: type[ASICLI] = ASICLI):
+    """Entry point of main.py; ``args`` lets tests run the CLI in-process."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in STANDALONE_COMMANDS:
+        from jsonargparse import CLI
+
+        return CLI(STANDALONE_COMMANDS[argv[0]], args=argv[1:])
+    return cli_class(args=args)

@@ -1,0 +1,309 @@
+"""Datasets, setups A/B and splits, behind one LightningDataModule (``ClassificationData``).
+
+* Setup A: the whole training pool of a downstream dataset (the backbone was pretrained on ImageNet).
+* Setup B: the training pool is split into two label-skewed, non-IID halves (FedAvg-style shards,
+  paper App. B.1); half 1 is for pretraining, half 2 for fine-tuning. The partition is written to
+  ``<run_dir>/partition.json`` and can be reloaded with ``--data.partition_file``.
+* Either way the chosen pool is split 80/20 into train/val with a fixed seed (``split_seed``).
+  ``test`` uses the dataset's official test split when it has one, else the val split.
+
+``digits`` is scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes),
+upsampled to RGB at ``resolution``: no download, used by the demo and the tests.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- datasets
+class DigitsDataset(Dataset):
+    """scikit-learn digits as ``(3, R, R)`` float tensors normalised to [-1, 1]."""
+
+    def __init__(self, resolution: int = 32):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N,1,8,8) in [0,1]
+        x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        self.images = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+        self.targets = [int(t) for t in d.target]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+def _tv_dataset(cls_name: str, train_kw: Sequence[dict], test_kw: Optional[dict]):
+    """Builder for a torchvision dataset class; a pool made of several splits is concatenated."""
+
+    def build(root: Path, download: bool):
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        pools = [cls(str(root), download=download, **kw) for kw in train_kw]
+        pool = pools[0] if len(pools) == 1 else ConcatDataset(pools)
+        test = cls(str(root), download=download, **test_kw) if test_kw is not None else None
+        return pool, test
+
+    return build
+
+
+def _image_folder(train_dir: str, test_dir: Optional[str]):
+    def build(root: Path, download: bool):
+        from torchvision.datasets import ImageFolder
+
+        for d in [train_dir] + ([test_dir] if test_dir else []):
+            if not (root / d).is_dir():
+                raise FileNotFoundError(f"missing folder {root / d}")
+        return ImageFolder(str(root / train_dir)), (ImageFolder(str(root / test_dir)) if test_dir else None)
+
+    return build
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    num_classes: int
+    build: Callable  # (root: Path, download: bool) -> (train pool, official test set or None)
+    how_to_obtain: str
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(10, None, "bundled with scikit-learn; nothing to download"),
+    "cifar10": DatasetSpec(
+        10, _tv_dataset("CIFAR10", [dict(train=True)], dict(train=False)),
+        "torchvision CIFAR10: pass --data.download true once online, or extract cifar-10-python.tar.gz "
+        "(https://www.cs.toronto.edu/~kriz/cifar.html) so that <root>/cifar10/cifar-10-batches-py/ exists"),
+    "cifar100": DatasetSpec(
+        100, _tv_dataset("CIFAR100", [dict(train=True)], dict(train=False)),
+        "torchvision CIFAR100: pass --data.download true once online, or extract cifar-100-python.tar.gz "
+        "(https://www.cs.toronto.edu/~kriz/cifar.html) so that <root>/cifar100/cifar-100-python/ exists"),
+    "flowers102": DatasetSpec(
+        102, _tv_dataset("Flowers102", [dict(split="train"), dict(split="val")], dict(split="test")),
+        "torchvision Flowers102: pass --data.download true once online, or put 102flowers.tgz (extracted: jpg/), "
+        "imagelabels.mat and setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ "
+        "in <root>/flowers102/flowers-102/"),
+    "pets": DatasetSpec(
+        37, _tv_dataset("OxfordIIITPet", [dict(split="trainval")], dict(split="test")),
+        "torchvision OxfordIIITPet: pass --data.download true once online, or extract images.tar.gz and "
+        "annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/ into <root>/pets/oxford-iiit-pet/"),
+    "cub200": DatasetSpec(
+        200, _image_folder("train", "test"),
+        "CUB-200-2011 (https://www.vision.caltech.edu/datasets/cub_200_2011/) in ImageFolder layout: "
+        "<root>/cub200/train/<class>/*.jpg and <root>/cub200/test/<class>/*.jpg "
+        "(split with the archive's train_test_split.txt; see README)"),
+    "imagenet": DatasetSpec(
+        1000, _image_folder("train", "val"),
+        "ImageNet-1k (ILSVRC2012, https://image-net.org/download) in ImageFolder layout: "
+        "<root>/imagenet/train/<wnid>/*.JPEG and <root>/imagenet/val/<wnid>/*.JPEG"),
+}
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def num_classes_of(name: str) -> int:
+    """Number of classes of a registered dataset (used to size the model's head)."""
+    return get_dataset_spec(name).num_classes
+
+
+def dataset_targets(ds: Dataset) -> list[int]:
+    """Labels of a dataset without loading its images."""
+    if isinstance(ds, ConcatDataset):
+        return [t for d in ds.datasets for t in dataset_targets(d)]
+    if isinstance(ds, Subset):
+        base = dataset_targets(ds.dataset)
+        return [base[i] for i in ds.indices]
+    for attr in ("targets", "_labels"):
+        if hasattr(ds, attr):
+            return [int(t) for t in getattr(ds, attr)]
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+# ----------------------------------------------------------------------------- setup B partition
+def label_skewed_halves(targets: Sequence[int], num_shards: int = 20, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split sample indices into two label-skewed halves (FedAvg's non-IID shards, McMahan et al. 2017).
+
+    Indices are sorted by label, cut into ``num_shards`` contiguous shards, and a seeded random half
+    of the shards goes to each part. Fewer shards -> stronger skew. Deterministic in ``seed``.
+    """
+    if num_shards < 2 or num_shards % 2:
+        raise ValueError(f"num_shards must be an even number >= 2, got {num_shards}")
+    order = np.argsort(np.asarray(targets), kind="stable")
+    shards = np.array_split(order, num_shards)
+    perm = np.random.default_rng(seed).permutation(num_shards)
+    halves = ([], [])
+    for k, s in enumerate(perm):
+        halves[0 if k < num_shards // 2 else 1].extend(int(i) for i in shards[s])
+    return sorted(halves[0]), sorted(halves[1])
+
+
+def save_partition(path: Path, halves, targets: Sequence[int], meta: dict) -> None:
+    num_classes = int(max(targets)) + 1
+    counts = [np.bincount(np.asarray(targets)[h], minlength=num_classes).tolist() for h in halves]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**meta, "num_samples": len(targets), "class_counts": counts,
+                               "halves": [list(h) for h in halves]}))
+    tmp.replace(path)
+
+
+def load_partition(path: str | Path, num_samples: Optional[int] = None) -> tuple[list[int], list[int]]:
+    d = json.loads(Path(path).read_text())
+    if num_samples is not None and d["num_samples"] != num_samples:
+        raise ValueError(f"partition {path} was made for {d['num_samples']} samples, the dataset has {num_samples}")
+    return list(d["halves"][0]), list(d["halves"][1])
+
+
+def train_val_split(indices: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded shuffle of ``indices``, the first ``val_fraction`` of them for validation."""
+    perm = np.random.default_rng(seed).permutation(len(indices))
+    n_val = int(round(len(indices) * val_fraction))
+    idx = np.asarray(indices)[perm]
+    return sorted(idx[n_val:].tolist()), sorted(idx[:n_val].tolist())
+
+
+class TransformSubset(Dataset):
+    """A subset of a base dataset with its own image transform (train and val share one pool)."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform=None):
+        self.base, self.indices, self.transform = base, list(indices), transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        x, y = self.base[self.indices[i]]
+        return (self.transform(x) if self.transform else x), y
+
+
+def image_transforms(resolution: int, train: bool):
+    import torchvision.transforms as T
+
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        return T.Compose([T.RandomResizedCrop(resolution), T.RandomHorizontalFlip(), *norm])
+    return T.Compose([T.Resize(int(round(resolution / 0.875))), T.CenterCrop(resolution), *norm])
+
+
+# ----------------------------------------------------------------------------- data module
+class ClassificationData(pl.LightningDataModule):
+    def __init__(
+        self,
+        name: str = "digits",
+        root: str = "data",
+        setup: Literal["A", "B"] = "A",
+        half: Literal[1, 2] = 2,
+        partition_file: Optional[str] = None,
+        num_shards: int = 20,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        batch_size: int = 64,
+        resolution: int = 224,
+        num_workers: int = 4,
+        download: bool = False,
+    ):
+        """Image classification data.
+
+        Args:
+            name: Dataset: digits, cifar10, cifar100, flowers102, pets, cub200 or imagenet.
+            root: Folder holding one sub-folder per dataset (``<root>/<name>/``).
+            setup: "A": the whole training pool (ImageNet-pretrained backbone, downstream set).
+                "B": the pool is split into two label-skewed halves (pretrain on half 1, fine-tune on half 2).
+            half: Setup B only: which half to train and validate on (1 = pretraining, 2 = fine-tuning).
+            partition_file: Setup B only: reload this partition JSON instead of recomputing it.
+            num_shards: Setup B only: number of label-sorted shards dealt to the two halves (fewer = more skew).
+            val_fraction: Fraction of the chosen pool held out for validation (paper: 80/20).
+            split_seed: Seed of the setup-B partition and of the train/val split.
+            batch_size: Mini-batch size per process.
+            resolution: Square input resolution in pixels.
+            num_workers: DataLoader worker processes.
+            download: Let torchvision download the dataset when it is missing (needs internet).
+        """
+        super().__init__()
+        self.spec = get_dataset_spec(name)
+        self.name, self.root, self.setup_name, self.half = name, Path(root), setup, half
+        self.partition_file, self.num_shards = partition_file, num_shards
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.batch_size, self.resolution, self.num_workers, self.download = batch_size, resolution, num_workers, download
+        self.run_dir: Optional[Path] = None  # set by the CLI; setup B writes partition.json there
+        self.partition: Optional[tuple[list[int], list[int]]] = None
+        self._built = False
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / self.name
+
+    def _build_pool(self):
+        if self.name == "digits":
+            return DigitsDataset(self.resolution), None
+        try:
+            return self.spec.build(self.dataset_dir, self.download)
+        except (RuntimeError, FileNotFoundError) as err:
+            raise FileNotFoundError(
+                f"Dataset {self.name!r} not found under {self.dataset_dir} ({err}).\n"
+                f"How to obtain it: {self.spec.how_to_obtain}.\n"
+                f"Put it under --data.root (now {self.root!s}) or point --data.root elsewhere."
+            ) from err
+
+    def prepare_data(self):
+        if self.download and self.name != "digits":
+            self._build_pool()  # downloads once, on one process per node
+
+    def setup(self, stage: Optional[str] = None):
+        if self._built:
+            return
+        pool, test = self._build_pool()
+        targets = dataset_targets(pool)
+        indices = list(range(len(pool)))
+        if self.setup_name == "B":
+            if self.partition_file:
+                halves = load_partition(self.partition_file, len(pool))
+            else:
+                halves = label_skewed_halves(targets, self.num_shards, self.split_seed)
+            self.partition = halves
+            if self.run_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
+                save_partition(Path(self.run_dir) / "partition.json", halves, targets,
+                               dict(dataset=self.name, num_shards=self.num_shards, seed=self.split_seed,
+                                    source=str(self.partition_file or "computed")))
+            indices = halves[self.half - 1]
+        train_idx, val_idx = train_val_split(indices, self.val_fraction, self.split_seed)
+        is_tensor = self.name == "digits"
+        t_train = None if is_tensor else image_transforms(self.resolution, True)
+        t_eval = None if is_tensor else image_transforms(self.resolution, False)
+        self.train_set = TransformSubset(pool, train_idx, t_train)
+        self.val_set = TransformSubset(pool, val_idx, t_eval)
+        self.test_set = TransformSubset(test, range(len(test)), t_eval) if test is not None else self.val_set
+        self._built = True
+
+    def _loader(self, ds, shuffle: bool):
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                          drop_last=False)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False)

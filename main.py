@@ -1,0 +1,8 @@
+"""Entry point: python main.py {fit,validate,test} --config configs/... [--section.key value ...]
+
+See classification/cli.py and README.md.
+"""
+from classification.cli import cli_main
+
+if __name__ == "__main__":
+    cli_main()
