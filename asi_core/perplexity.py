@@ -1,0 +1,131 @@
+"""Activation perplexity (Sec. 3.3, eq. 7): for every candidate layer i and explained-variance
+threshold ε_j, P_ij = ‖∂L/∂W_i − ∂L/∂W̃_i‖_F where W̃ uses the HOSVD_ε-compressed input, together
+with the HOSVD ranks and the compressed memory M_i (eq. 5). Averaged over batches, weights frozen
+(no optimiser step). The result is the table that ``asi_core.ranks.select`` turns into ranks.
+
+Each mode's SVD is computed once per batch and truncated for every ε, so measuring E thresholds
+costs one HOSVD, not E.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .accounting import tucker_elements
+from .decompose import eps_rank, project_core
+from .patch import candidate_layers
+from .tensor import unfold
+
+__all__ = ["SCHEMA_VERSION", "measure_perplexity", "hosvd_all_eps"]
+
+SCHEMA_VERSION = 1
+MIB = 2 ** 20
+
+
+def hosvd_all_eps(x: torch.Tensor, epsilons: Sequence[float]):
+    """Yield ``(eps, core, factors, ranks)`` of the truncated HOSVD for every ε from one SVD per mode."""
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    svds = [torch.linalg.svd(unfold(work, m), full_matrices=False)[:2] for m in range(work.dim())]
+    for eps in epsilons:
+        ranks = tuple(eps_rank(s, eps) for _, s in svds)
+        factors = [None if r >= d else u[:, :r].to(x.dtype).contiguous()
+                   for (u, _), r, d in zip(svds, ranks, x.shape)]
+        yield eps, project_core(x, factors), factors, ranks
+
+
+@torch.no_grad()
+def _layer_perplexities(layer, x, grad_out, epsilons):
+    from .conv import ConvOps
+    from .linear import LinearOps
+
+    ops = ConvOps(layer) if isinstance(layer, nn.Conv2d) else LinearOps(layer)
+    x = ops.prepare(x)
+    exact = ops.weight_grad_exact(x, grad_out, layer.weight.shape)
+    out = []
+    for eps, core, factors, ranks in hosvd_all_eps(x, epsilons):
+        approx = ops.weight_grad(core, factors, grad_out, layer.weight.shape)
+        out.append((ranks, (exact - approx).norm().item()))
+    return out
+
+
+def measure_perplexity(model: nn.Module, batches: Iterable, loss_fn: Callable, epsilons: Sequence[float],
+                       num_finetune=None, layers: Optional[Sequence[str]] = None, layer_type: str = "conv",
+                       progress: Optional[Callable[[int], None]] = None) -> dict:
+    """Measure the perplexity table on ``batches`` (an iterable of ``(inputs, targets)``).
+
+    ``loss_fn(model, inputs, targets) -> scalar loss``. Layers: the named ``layers``, or the last
+    ``num_finetune`` (int or "all"; default all) of ``layer_type``. The model's parameters and
+    train/eval mode are restored afterwards; no parameter is changed.
+
+    Returns the "layers" part of perplexity.json (schema version 1): per layer its input_shape,
+    and per ε the HOSVD ranks (per mode, the largest seen over the batches, so memory is the peak),
+    memory_mib (eq. 5 with those ranks, in the input's dtype) and perplexity (mean over batches).
+    """
+    for eps in epsilons:
+        if not 0 < eps <= 1:
+            raise ValueError(f"epsilon {eps} is outside (0, 1]")
+    names = list(layers) if layers is not None else candidate_layers(model, layer_type)
+    if layers is None and num_finetune not in (None, "all"):
+        names = names[-int(num_finetune):]
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"layer(s) {missing} not found in the model")
+    requires = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        modules[n].weight.requires_grad_(True)  # gradients must reach every measured layer
+
+    stats = {n: {"ranks": [[0] * 4 for _ in epsilons], "perplexity": [0.0] * len(epsilons), "shape": None,
+                 "dtype_bytes": 4} for n in names}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def forward_hook(name):
+        def hook(module, args, output):
+            x = args[0].detach()
+            inputs[name] = x
+            stats[name]["shape"] = list(x.shape)
+            stats[name]["dtype_bytes"] = x.element_size()
+
+            def on_grad(grad_out):
+                result = _layer_perplexities(module, inputs.pop(name), grad_out.detach(), epsilons)
+                for j, (ranks, perp) in enumerate(result):
+                    stats[name]["perplexity"][j] += perp
+                    stats[name]["ranks"][j] = [max(a, b) for a, b in zip(stats[name]["ranks"][j], ranks)] \
+                        if len(stats[name]["ranks"][j]) == len(ranks) else list(ranks)
+            output.register_hook(on_grad)
+        return hook
+
+    handles = [modules[n].register_forward_hook(forward_hook(n)) for n in names]
+    count = 0
+    try:
+        with torch.enable_grad():
+            for inputs_, targets in batches:
+                loss = loss_fn(model, inputs_, targets)
+                loss.backward()
+                count += 1
+                if progress is not None:
+                    progress(count)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in requires.items():
+            p.grad = None
+            p.requires_grad_(flag)
+    if count == 0:
+        raise ValueError("no batches to measure perplexity on")
+    table = {}
+    for n in names:
+        s = stats[n]
+        if s["shape"] is None:
+            raise ValueError(f"layer {n!r} was never called in the forward pass")
+        table[n] = {
+            "input_shape": s["shape"],
+            "ranks": s["ranks"],
+            "memory_mib": [tucker_elements(s["shape"], r) * s["dtype_bytes"] / MIB for r in s["ranks"]],
+            "perplexity": [p / count for p in s["perplexity"]],
+        }
+    return table
