@@ -38,10 +38,11 @@ def eps_rank(singular_values: torch.Tensor, eps: float) -> int:
 
 
 def project_core(x: torch.Tensor, factors: Factors) -> torch.Tensor:
-    """Core S = x ×_0 U_0ᵀ ×_1 U_1ᵀ ... Modes are contracted in the order that shrinks the tensor
-    the most first (largest D_m / r_m), which keeps every later product small."""
+    """Core S = x ×_0 U_0ᵀ ×_1 U_1ᵀ ... in the cheapest contraction order. Contracting mode m costs
+    (current size)·r_m and multiplies the size by r_m/D_m; an exchange argument shows that sorting
+    by 1/D_m − 1/r_m (ascending) minimises the total (checked against brute force in the tests)."""
     order = sorted((m for m, u in enumerate(factors) if u is not None),
-                   key=lambda m: factors[m].shape[1] / factors[m].shape[0])
+                   key=lambda m: 1.0 / factors[m].shape[0] - 1.0 / factors[m].shape[1])
     core = x
     for m in order:
         core = mode_product(core, factors[m], m, transpose=True)

@@ -510,3 +510,34 @@ def test_double_patch_is_refused():
     asi_core.patch(net, "asi", num_finetune=1)
     with pytest.raises(ValueError, match="already patched"):
         asi_core.patch(net, "asi", num_finetune=1)
+
+
+def test_core_contraction_order_is_cheapest():
+    """project_core's order against brute force over all orders, with the cost model of mode_product."""
+    import itertools
+    import random
+    from asi_core.decompose import project_core
+
+    def cost(dims, ranks, order):
+        size, total = math.prod(dims), 0
+        for m in order:
+            total += size // dims[m] * ranks[m] * dims[m]
+            size = size // dims[m] * ranks[m]
+        return total
+
+    rng = random.Random(0)
+    for _ in range(300):
+        dims = [rng.choice([1, 2, 3, 7, 8, 14, 64, 128]) for _ in range(4)]
+        ranks = [rng.randint(1, d) for d in dims]
+        factors = [torch.zeros(d, r) if r < d else None for d, r in zip(dims, ranks)]
+        modes = [m for m in range(4) if factors[m] is not None]
+        calls = []  # the order project_core uses is the order of its mode products: record it
+        import asi_core.decompose as dec
+        orig = dec.mode_product
+        dec.mode_product = lambda x, u, m, transpose=False: (calls.append(m), orig(x, u, m, transpose))[1]
+        try:
+            project_core(torch.zeros(dims), factors)
+        finally:
+            dec.mode_product = orig
+        best = min(cost(dims, ranks, p) for p in itertools.permutations(modes))
+        assert cost(dims, ranks, calls) == best, (dims, ranks, calls)
