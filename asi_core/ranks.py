@@ -108,8 +108,7 @@ def _lagrangian_prune_data(P: list[np.ndarray], M: list[np.ndarray], budget: flo
     total perplexity >= p + sum_{l>i} min_j (P[l][j] + lam*M[l][j]) - lam*(budget - s)
     (Lagrangian relaxation of eq. 9). lam is the smallest breakpoint at which the per-layer
     minimisers of P + lam*M fit the budget (it maximises the bound at the root); that selection,
-    greedily upgraded with the
-    leftover budget, is a feasible incumbent. A state whose bound exceeds the incumbent's
+    greedily upgraded with the leftover budget, is a feasible incumbent. A state whose bound exceeds the incumbent's
     perplexity cannot be optimal. Returns (lam, suffix_constants, incumbent_perplexity, scale)
     or None when no finite multiplier is found (then only dominance and budget pruning apply).
     """
