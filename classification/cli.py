@@ -23,7 +23,8 @@ documented parameters become the subcommand's options::
         '''
 
 A command that needs no model (e.g. a report over finished runs) is one entry in
-``STANDALONE_COMMANDS`` (name -> function); its signature becomes its options (jsonargparse.CLI).
+``STANDALONE_COMMANDS`` (name -> function); its signature becomes its options (jsonargparse.CLI), and a first
+parameter typed as a list takes the words before the first option (``report runs/a runs/b --format csv``).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from .backbones import MODELS, ckpt_dir
 from .callbacks import WeightsDigest
 from .data import DATASETS, ClassificationData, num_classes_of
 from .model import ClassificationModel
+from .report import report
 from .rundir import default_exp_name, run_dir, write_metrics
 
 # The paper's recipe (App. B.1) where it is a Trainer setting; every key stays overridable.
@@ -51,6 +53,7 @@ TRAINER_DEFAULTS = {"gradient_clip_val": 2.0, "gradient_clip_algorithm": "norm",
                     "log_every_n_steps": 10}
 
 STANDALONE_COMMANDS: dict[str, Callable] = {}
+STANDALONE_COMMANDS["report"] = report
 
 
 def subcommand(fn: Callable) -> Callable:
@@ -238,11 +241,26 @@ class ASICLI(LightningCLI):
             write_metrics(self.run_dir, {"test": res, **({"test_acc": res["test/acc"]} if "test/acc" in res else {})})
 
 
+def _leading_words_as_list(fn: Callable, args: list[str]) -> list[str]:
+    """jsonargparse has no ``nargs='+'``: give the words before the first option, as one JSON list, to a
+    first parameter typed as a list."""
+    import json
+    import typing
+
+    n = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    hints = typing.get_type_hints(fn)
+    first = next((p for p in hints if p != "return"), None)
+    if n and first and typing.get_origin(hints[first]) is list:
+        return [json.dumps(args[:n])] + args[n:]
+    return args
+
+
 def cli_main(args: Optional[list[str]] = None, cli_class: type[ASICLI] = ASICLI):
     """Entry point of main.py; ``args`` lets tests run the CLI in-process."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in STANDALONE_COMMANDS:
         from jsonargparse import CLI
 
-        return CLI(STANDALONE_COMMANDS[argv[0]], args=argv[1:])
+        fn = STANDALONE_COMMANDS[argv[0]]
+        return CLI(fn, args=_leading_words_as_list(fn, argv[1:]))
     return cli_class(args=args)

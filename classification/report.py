@@ -1,0 +1,415 @@
+"""``python main.py report RUN_DIR... [--format md|csv] [--out FILE] [--plots DIR]``: the paper's tables and
+Pareto figures from finished runs.
+
+Every ``metrics.json`` under the given run directories (searched recursively) becomes one row; rows are grouped
+by (setup, model, dataset) and laid out as the paper's Table 1/2: method (vanilla, gradient filtering R...,
+HOSVD eps..., ASI) x number of fine-tuned layers, with accuracy (%), activation memory (MiB) and GFLOPs.
+For HOSVD the paper reports *peak* memory and FLOPs (Sec. 4.1, "Result Logging"): the ``*_peak`` resources are
+used when a run has them. One PNG per group plots accuracy against activation memory and against GFLOPs (log x
+axes, as the paper's Fig. 4), one line per method, points in order of the number of fine-tuned layers.
+
+From Python::
+
+    rows = collect(["runs/setupB"])
+    print(format_table(rows, "md"))
+    pareto_plots(rows, "figures/")
+
+What is read from a metrics.json (any of it may be missing; the table then shows "–"):
+``settings`` (written by ``main.py fit``: setup, model/backbone, dataset, method, num_finetune, model_args with
+ranks/eps/radius/warm_start/budget, data_args), ``val_acc`` (final) and ``best_val_acc`` (fractions),
+``resources`` (activation_mib[_peak], train_gflops[_peak], paper_gflops[_peak], measured_activation_mib, ...).
+Without ``settings`` the run directory layout ``setup<S>/<model>/<dataset>/<method>/<exp>/`` is used.
+Setup-B pretraining runs (half 1) are not fine-tuning results and are left out. When several runs have the same
+configuration, the one whose metrics.json was written last is shown (a finished training run before one without
+results), and the table says so.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, List, Literal, Optional, Sequence, Union
+
+__all__ = ["collect", "format_table", "pareto_plots", "report", "CSV_COLUMNS"]
+
+METHOD_ORDER = ("vanilla", "gradfilter", "hosvd", "asi")
+# The required CSV columns first, in this order; the rest are extras for whoever reads the CSV.
+CSV_COLUMNS = ("method", "num_finetune", "accuracy", "activation_mib", "gflops",
+               "setup", "model", "dataset", "label", "final_accuracy", "best_accuracy", "accuracy_source",
+               "gflops_source", "peak", "measured_activation_mib", "train_gflops", "paper_gflops", "forward_gflops",
+               "backward_gflops", "overhead_gflops", "runs", "run_dir")
+MISSING = "–"
+PathLike = Union[str, Path]
+
+
+# ------------------------------------------------------------------------------------------ collecting
+def _num(value) -> Optional[float]:
+    """A finite float, or None for anything else (missing, null, NaN, text)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _layers(value) -> Union[int, str, None]:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _from_layout(path: Path) -> dict:
+    """Settings implied by ``.../setup<S>/<model>/<dataset>/<method>/<exp>/metrics.json``."""
+    parts = path.parts[-6:-1]
+    if len(parts) < 5 or not re.fullmatch(r"setup[A-Za-z0-9]+", parts[0]):
+        return {}
+    m = re.match(r"l(all|\d+)(?:_|$)", parts[4])
+    return {"setup": parts[0][len("setup"):], "model": parts[1], "dataset": parts[2], "method": parts[3],
+            "num_finetune": m.group(1) if m else None}
+
+
+def _label(method: str, args: dict) -> tuple[str, tuple]:
+    """The paper's name of a method configuration and a sort key within its method."""
+    if method == "vanilla":
+        return "Vanilla training", ()
+    if method == "gradfilter":
+        r = args.get("radius")
+        return (f"Gradient filtering R{r}" if r is not None else "Gradient filtering"), (_num(r) or 0,)
+    if method == "hosvd":
+        eps = args.get("eps")
+        return (f"HOSVD (ε = {eps})" if eps is not None else "HOSVD"), (_num(eps) or 0,)
+    if method == "asi":
+        budget, ranks, warm = args.get("budget"), args.get("ranks"), args.get("warm_start")
+        quals = []
+        if not budget:  # with a budget the ranks are chosen per layer (the paper's ASI); say which otherwise
+            if isinstance(ranks, (int, float, str)) and not isinstance(ranks, bool):
+                quals.append(f"r = {ranks}")
+            elif ranks:
+                quals.append("per-layer ranks")
+        if warm is False:
+            quals.append("no warm start")
+        fixed = "" if budget or not isinstance(ranks, (int, float, str)) else str(ranks)
+        return "ASI" + (f" ({', '.join(quals)})" if quals else ""), (bool(quals), warm is False, fixed)
+    return method, ()
+
+
+def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
+    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    model_args = settings.get("model_args") if isinstance(settings.get("model_args"), dict) else {}
+    data_args = settings.get("data_args") if isinstance(settings.get("data_args"), dict) else {}
+    layout = _from_layout(path)
+
+    def setting(*keys, sources=(settings, model_args, data_args, layout)):
+        for src in sources:
+            for k in keys:
+                if src.get(k) is not None:
+                    return src[k]
+        return None
+
+    setup = setting("setup")
+    if str(setup) == "B" and data_args.get("half") == 1:
+        return None  # setup-B pretraining (half 1): not a fine-tuning result
+    method = setting("method")
+    if method is None or (method not in METHOD_ORDER and not (settings.get("method") or model_args.get("method"))):
+        return None  # e.g. a measure/ or profile/ folder without settings: not a training run
+    args = {k: setting(k, sources=(model_args, settings)) for k in ("radius", "eps", "ranks", "warm_start", "budget")}
+    label, variant = _label(str(method), args)
+
+    res = data.get("resources") if isinstance(data.get("resources"), dict) else {}
+    peak = method == "hosvd"  # Sec. 4.1: HOSVD's resources vary during training; the paper reports the peak
+
+    def resource(*keys):
+        for k in keys:
+            if peak and _num(res.get(k + "_peak")) is not None:
+                return _num(res[k + "_peak"]), True
+            if _num(res.get(k)) is not None:
+                return _num(res[k]), False
+        return None, False
+
+    mem, mem_peak = resource("activation_mib")
+    train, train_peak = resource("train_gflops", "total_gflops")
+    paper, paper_peak = resource("paper_gflops")
+    gflops, gflops_peak = (train, train_peak) if flops == "train" else (paper, paper_peak)
+    final, best = _num(data.get("val_acc")), _num(data.get("best_val_acc"))
+    return {
+        "setup": str(setup) if setup is not None else MISSING,
+        "model": str(setting("model", "backbone") or MISSING),
+        "dataset": str(setting("dataset", "name") or MISSING),
+        "method": str(method), "num_finetune": _layers(setting("num_finetune")),
+        "label": label, "_variant": variant,
+        "final_accuracy": None if final is None else 100 * final,
+        "best_accuracy": None if best is None else 100 * best,
+        "activation_mib": mem, "gflops": gflops, "gflops_source": flops, "peak": bool(mem_peak or gflops_peak),
+        "measured_activation_mib": resource("measured_activation_mib")[0],
+        "train_gflops": train, "paper_gflops": paper,
+        "forward_gflops": _num(res.get("forward_gflops")), "backward_gflops": _num(res.get("backward_gflops")),
+        "overhead_gflops": _num(res.get("overhead_gflops")),
+        "run_dir": str(path.parent),
+        # which of several runs of one configuration to show: a finished fit first, then the newest file
+        "_recency": ("epochs_completed" in data or final is not None or best is not None, path.stat().st_mtime),
+    }
+
+
+def _method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def _layers_key(n, all_first: bool = True):
+    if n == "all":
+        return (0 if all_first else 2, 0, "")
+    return (1, n, "") if isinstance(n, int) else (1, math.inf, str(n))
+
+
+def _sort_key(row: dict):
+    return (row["setup"], row["model"], row["dataset"], _method_rank(row["method"]), row["method"],
+            row["_variant"], row["label"], _layers_key(row["num_finetune"]))
+
+
+def collect(run_dirs: Union[PathLike, Sequence[PathLike]], accuracy: Literal["final", "best"] = "final",
+            flops: Literal["train", "paper"] = "train", warn=None) -> list[dict]:
+    """One row per run configuration found under ``run_dirs`` (each a directory searched recursively for
+    metrics.json, or a metrics.json itself), sorted as the paper's tables.
+
+    ``accuracy``: "final" (``val_acc``, falling back to ``best_val_acc``) or "best" (the other way round), in
+    percent. ``flops``: "train" (our count, ``train_gflops``: forward + weight gradient + input gradient +
+    compression overhead) or "paper" (``paper_gflops``: the paper's eq. 15-17 as written, comparable with its
+    tables). Several runs of one configuration: the latest metrics.json is kept (runs with an accuracy before runs
+    without); its row has ``runs`` > 1 and
+    ``superseded`` lists the others. ``warn`` (default: print to stderr) receives a line per skipped file.
+    """
+    warn = warn or (lambda msg: print(f"report: {msg}", file=sys.stderr))
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
+    files: list[Path] = []
+    for d in map(Path, run_dirs):
+        if not d.exists():
+            raise FileNotFoundError(f"{d} does not exist: give run directories (e.g. runs/ or runs/setupB/mcunet)")
+        files += [d] if d.is_file() else sorted(d.rglob("metrics.json"))
+    best: dict[tuple, dict] = {}
+    superseded: dict[tuple, list[str]] = defaultdict(list)
+    for path in {p.resolve(): p for p in files}.values():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            warn(f"skipping {path}: not readable JSON ({e})")
+            continue
+        row = _row(path, data, flops) if isinstance(data, dict) else None
+        if row is None:
+            continue
+        order = ("final_accuracy", "best_accuracy") if accuracy == "final" else ("best_accuracy", "final_accuracy")
+        source = next((k for k in order if row[k] is not None), None)
+        row["accuracy"] = row[source] if source else None
+        row["accuracy_source"] = {"final_accuracy": "val_acc", "best_accuracy": "best_val_acc"}.get(source)
+        key = (row["setup"], row["model"], row["dataset"], row["method"], row["label"], str(row["num_finetune"]))
+        old = best.get(key)
+        if old is None or row["_recency"] >= old["_recency"]:
+            if old is not None:
+                superseded[key].append(old["run_dir"])
+            best[key] = row
+        else:
+            superseded[key].append(row["run_dir"])
+    rows = []
+    for key, row in best.items():
+        row["superseded"] = superseded.get(key, [])
+        row["runs"] = 1 + len(row["superseded"])
+        rows.append(row)
+    return sorted(rows, key=_sort_key)
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _fmt(x: Optional[float]) -> str:
+    if x is None:
+        return MISSING
+    if x != 0 and abs(x) < 0.01:
+        return f"{x:.2g}"
+    return f"{x:.2f}"
+
+
+def _groups(rows: Iterable[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        out[(r["setup"], r["model"], r["dataset"])].append(r)
+    return out
+
+
+def _md(rows: Sequence[dict]) -> str:
+    if not rows:
+        return "No runs found (no metrics.json with settings under the given directories).\n"
+    blocks = []
+    for (setup, model, dataset), group in _groups(rows).items():
+        lines = [f"### setup {setup} · {model} · {dataset}", "",
+                 "| Method | #Layers | Acc (%) ↑ | Mem (MiB) ↓ | GFLOPs ↓ |",
+                 "|:--|--:|--:|--:|--:|"]
+        notes, prev = [], None
+        for r in group:
+            mark = ""
+            if r["runs"] > 1:
+                notes.append(f"{r['runs']} runs of {r['label']}, {r['num_finetune']} layers: the latest is shown "
+                             f"({r['run_dir']}).")
+                mark = f"<sup>{len(notes)}</sup>"
+            n = "All" if r["num_finetune"] == "all" else MISSING if r["num_finetune"] is None else r["num_finetune"]
+            name = r["label"] if r["label"] != prev else ""
+            prev = r["label"]
+            lines.append(f"| {name} | {n}{mark} | {_fmt(r['accuracy'])} | {_fmt(r['activation_mib'])} | "
+                         f"{_fmt(r['gflops'])} |")
+        lines.append("")
+        if any(r["peak"] for r in group):
+            lines.append("HOSVD: peak activation memory and GFLOPs over training (paper Sec. 4.1).  ")
+        if any(r["gflops_source"] == "train" for r in group):
+            lines.append("GFLOPs per training step: forward + weight and input gradients + compression overhead "
+                         "(our count).  ")
+        if any(r["gflops_source"] == "paper" for r in group):
+            lines.append("GFLOPs: the paper's eq. 15-17 as written (comparable with its tables).  ")
+        lines += [f"<sup>{i}</sup> {note}  " for i, note in enumerate(notes, 1)]
+        blocks.append("\n".join(lines).rstrip() + "\n")
+    return "\n".join(blocks)
+
+
+def _csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else round(r[k], 6) if isinstance(r[k], float) else r[k])
+                    for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def format_table(rows: Sequence[dict], fmt: Literal["md", "csv"] = "md") -> str:
+    """The rows of :func:`collect` as Markdown tables (one per setup/model/dataset) or as one CSV."""
+    if fmt == "md":
+        return _md(rows)
+    if fmt == "csv":
+        return _csv(rows)
+    raise ValueError(f"unknown format {fmt!r}; use 'md' or 'csv'")
+
+
+# ------------------------------------------------------------------------------------------ figures
+_COLORS = {"vanilla": "#444444", "gradfilter": "#2ca02c", "hosvd": "#1f77b4", "asi": "#d62728"}
+_MARKERS = {"vanilla": "s", "gradfilter": "^", "hosvd": "D", "asi": "o"}
+_STYLES = ("-", "--", ":", "-.")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
+
+def pareto_plots(rows: Sequence[dict], out_dir: PathLike) -> list[Path]:
+    """One PNG per (setup, model, dataset): accuracy vs activation memory and vs GFLOPs (log x), a line per
+    method configuration through its numbers of fine-tuned layers. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    out_dir = Path(out_dir)
+    written = []
+    for (setup, model, dataset), group in _groups(rows).items():
+        lines: dict[str, list[dict]] = defaultdict(list)
+        for r in group:
+            lines[r["label"]].append(r)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        styles_used: dict[str, int] = defaultdict(int)
+        plotted = False
+        for label, pts in lines.items():
+            method = pts[0]["method"]
+            k = styles_used[method]  # second, third ... configuration of a method: other dashes, hollow markers
+            style, face = _STYLES[k % len(_STYLES)], (None if k == 0 else "white")
+            styles_used[method] += 1
+            pts = sorted(pts, key=lambda r: _layers_key(r["num_finetune"], all_first=False))
+            for ax, key in zip(axes, ("activation_mib", "gflops")):
+                xy = [(r[key], r["accuracy"], r["num_finetune"]) for r in pts
+                      if r[key] is not None and r[key] > 0 and r["accuracy"] is not None]
+                if not xy:
+                    continue
+                plotted = True
+                xs, ys, ns = zip(*xy)
+                ax.plot(xs, ys, style, marker=_MARKERS.get(method, "x"), color=_COLORS.get(method),
+                        markerfacecolor=face, label=label, markersize=6, linewidth=1.6)
+                for x, y, n in xy:
+                    ax.annotate("All" if n == "all" else str(n), (x, y), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7, color=_COLORS.get(method, "black"))
+        for ax, xlabel in zip(axes, ("Activation memory (MiB)", "GFLOPs per training step" +
+                                     (" (paper's count)" if group[0]["gflops_source"] == "paper" else ""))):
+            if plotted:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                lo, hi = ax.get_xlim()
+                if hi / lo < 100:  # less than two decades: label 2x and 5x too, or there may be one label only
+                    ax.xaxis.set_minor_formatter(FuncFormatter(
+                        lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 5) else ""))
+                else:
+                    ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel(xlabel)
+            ax.grid(True, which="major", alpha=0.35)
+            ax.grid(True, which="minor", alpha=0.12)
+        axes[0].set_ylabel("Accuracy (%)")
+        handles, labels = axes[0].get_legend_handles_labels()
+        if not handles:
+            handles, labels = axes[1].get_legend_handles_labels()
+        ncol = min(4, max(1, len(handles)))
+        if handles:  # below the panels, where it hides no point
+            fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=ncol, frameon=False)
+        fig.suptitle(f"{model} on {dataset} (setup {setup}); numbers: fine-tuned layers")
+        fig.tight_layout(rect=(0, 0.06 * math.ceil(len(handles) / ncol), 1, 1))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"pareto_{_slug(setup)}_{_slug(model)}_{_slug(dataset)}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------------ command
+def report(run_dirs: List[str], format: Literal["md", "csv"] = "md", out: Optional[str] = None,
+           plots: Optional[str] = None, no_plots: bool = False, accuracy: Literal["final", "best"] = "final",
+           flops: Literal["train", "paper"] = "train") -> None:
+    """Paper-style tables (Table 1/2) and Pareto figures from the metrics.json files of finished runs.
+
+    Usage: main.py report RUN_DIR... [--format md|csv] [--out FILE] [--plots DIR] (run directories first).
+
+    Args:
+        run_dirs: Run directories (searched recursively for metrics.json), e.g. runs/ or runs/setupB/mcunet.
+        format: md (one table per setup/model/dataset: method x #layers, accuracy %, memory MiB, GFLOPs) or csv.
+        out: Write the table to this file instead of printing it.
+        plots: Folder for the Pareto PNGs (accuracy vs memory and vs GFLOPs); default: next to --out, else the
+            current folder.
+        no_plots: Write no figures.
+        accuracy: final (val_acc at the end of training) or best (best_val_acc); the other is the fallback.
+        flops: train (our count of a training step) or paper (the paper's eq. 15-17 as written).
+    """
+    try:
+        rows = collect(run_dirs, accuracy=accuracy, flops=flops)
+    except FileNotFoundError as e:
+        raise SystemExit(f"report: {e}") from None
+    if not rows:
+        raise SystemExit(f"report: no metrics.json with run settings under {', '.join(map(str, run_dirs))}; "
+                         f"give the run root (default runs/) or a run directory of `main.py fit`")
+    for r in rows:
+        if r["runs"] > 1:
+            print(f"report: {r['runs']} runs of {r['setup']}/{r['model']}/{r['dataset']} {r['label']} "
+                  f"{r['num_finetune']} layers; using the latest, {r['run_dir']}", file=sys.stderr)
+    text = format_table(rows, format)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        print(f"report: wrote {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if not no_plots:
+        plot_dir = Path(plots) if plots else (Path(out).parent if out else Path.cwd())
+        for p in pareto_plots(rows, plot_dir):
+            print(f"report: wrote {p}", file=sys.stderr)
