@@ -5,10 +5,16 @@ Others add memory / FLOPs / timing recorders here; each writes its own keys.
 from __future__ import annotations
 
 import hashlib
+import statistics
+import time
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
 
+import asi_core
+
+from .resources import MIB, ActivationMeter, layer_reports, totals
 from .rundir import write_metrics
 
 
@@ -38,3 +44,139 @@ class WeightsDigest(pl.Callback):
         if trainer.is_global_zero:
             write_metrics(trainer.default_root_dir, {"weights_digests": digests,
                                                      "ranks_in_sync": len(set(digests)) == 1})
+
+
+class ResourceAccounting(pl.Callback):
+    """What a training step of the fine-tuned layers costs, per epoch: ``resources/*`` in the loggers and
+    ``metrics.json["resources"]`` (rewritten at every epoch end, so the file holds the last epoch).
+
+    * Analytic activation memory (``activation_mib`` mean, ``activation_mib_peak``) and FLOPs per step
+      (``forward_gflops``, ``backward_gflops`` = weight gradient, ``overhead_gflops`` (eq. 11 / 14 /
+      pooling), ``core_gflops``, ``input_grad_gflops``, ``train_gflops`` = forward + backward + overhead +
+      core, ``paper_gflops`` = the paper's formulas as written), from every patched layer's ``last_stats``
+      after every training batch (classification/resources.py, asi_core/accounting.py). They are constant
+      for vanilla/gradfilter/asi and vary with the ranks HOSVD_eps picks: means and peak are taken over the
+      epoch's full-size batches (a smaller last batch is left out, so the figures are per batch of
+      ``batch_size``). ``layers``: the last batch's per-layer reports, with ``memory_mib_mean``/``_peak``.
+    * Measured activation memory (``measured_activation_mib``, of it ``measured_mask_mib``; per layer
+      ``measured_mib``): once, on the first training batch of the fit, by ``resources.ActivationMeter``
+      from the first fine-tuned layer's forward until ``on_before_backward`` (the loss included). The
+      meter only watches: that batch trains exactly as the others.
+    * Wall time per phase, median over the epoch's batches (``timing``): ``forward_s`` from
+      ``on_train_batch_start`` to ``on_before_backward`` (training_step: forward, loss, logging),
+      ``backward_s`` to ``on_after_backward``, ``optimizer_s`` from ``on_before_optimizer_step`` to
+      ``on_train_batch_end`` (gradient clipping and the update). CUDA is synchronised at each mark.
+    """
+
+    def __init__(self):
+        self._meter = None
+        self._measured: Optional[dict] = None
+        self._measured_layers: dict[str, float] = {}
+        self._input_requires_grad: Optional[dict[str, bool]] = None
+        self._marks: dict[str, float] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._times = {"forward_s": [], "backward_s": [], "optimizer_s": []}
+        self._by_batch_size: dict[int, dict] = {}  # batch size -> running sums of this epoch
+
+    @staticmethod
+    def _net(pl_module):
+        return getattr(pl_module, "net", pl_module)
+
+    @staticmethod
+    def _now(pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    # ------------------------------------------------------------------ per batch
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._reset()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._measured is None and self._meter is None and asi_core.patched_layers(self._net(pl_module)):
+            self._meter = ActivationMeter(self._net(pl_module), exclude=[pl_module]).start()
+        self._marks = {"start": self._now(pl_module)}
+
+    def _stop_meter(self) -> None:
+        if self._meter is None:
+            return
+        meter, self._meter = self._meter.stop(), None
+        if meter.started:
+            self._measured = meter.summary()
+            self._measured_layers = {k: v / MIB for k, v in meter.layer_bytes.items()}
+            self._input_requires_grad = dict(meter.input_requires_grad)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._marks["before_backward"] = self._now(pl_module)
+        self._stop_meter()
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self._marks["after_backward"] = self._now(pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._marks["before_optimizer"] = self._now(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        end = self._now(pl_module)
+        self._stop_meter()  # in case no backward ran on this batch
+        m = self._marks
+        for key, a, b in (("forward_s", "start", "before_backward"), ("backward_s", "before_backward", "after_backward"),
+                          ("optimizer_s", "before_optimizer", None)):
+            if a in m and (b is None or b in m):
+                self._times[key].append((m[b] if b else end) - m[a])
+        reports = layer_reports(self._net(pl_module), self._input_requires_grad)
+        if not reports:
+            return
+        tot = totals(reports)
+        acc = self._by_batch_size.setdefault(reports[0]["input_shape"][0], {
+            "n": 0, "sums": {}, "peak": 0.0, "layer_sum": {}, "layer_peak": {}})
+        acc["n"] += 1
+        for k, v in tot.items():
+            acc["sums"][k] = acc["sums"].get(k, 0.0) + v
+        acc["peak"] = max(acc["peak"], tot["activation_mib"])
+        for rep in reports:
+            name, mib = rep["name"], rep["memory_mib"]
+            acc["layer_sum"][name] = acc["layer_sum"].get(name, 0.0) + mib
+            acc["layer_peak"][name] = max(acc["layer_peak"].get(name, 0.0), mib)
+        acc["last"] = reports
+
+    # ------------------------------------------------------------------ per epoch
+    def summary(self) -> Optional[dict]:
+        """The ``resources`` entry for the epoch so far (None before a training batch)."""
+        if not self._by_batch_size:
+            return None
+        batch_size = max(self._by_batch_size)
+        acc = self._by_batch_size[batch_size]
+        n = acc["n"]
+        out = {k: v / n for k, v in acc["sums"].items()}
+        out["num_layers"] = int(round(out["num_layers"]))
+        out["activation_mib_peak"] = acc["peak"]
+        out.update(self._measured or {"measured_activation_mib": None, "measured_mask_mib": None,
+                                      "measured_layers_mib": None})
+        out["timing"] = {k: (statistics.median(v) if v else None) for k, v in self._times.items()}
+        out["timing"]["batches"] = len(self._times["forward_s"])
+        layers = []
+        for rep in acc["last"]:
+            rep = dict(rep, memory_mib_mean=acc["layer_sum"][rep["name"]] / n,
+                       memory_mib_peak=acc["layer_peak"][rep["name"]])
+            if rep["name"] in self._measured_layers:
+                rep["measured_mib"] = self._measured_layers[rep["name"]]
+            layers.append(rep)
+        out.update(layers=layers, batch_size=batch_size, batches=n)
+        return out
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        res = self.summary()
+        if res is None:
+            return
+        res["epoch"] = trainer.current_epoch
+        scalars = {f"resources/{k}": v for k, v in res.items()
+                   if isinstance(v, (int, float)) and k not in ("epoch", "batches", "batch_size", "num_layers")}
+        scalars.update({f"resources/timing/{k}": v for k, v in res["timing"].items()
+                        if v is not None and k != "batches"})
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+        if trainer.is_global_zero:
+            write_metrics(trainer.default_root_dir, {"resources": res})

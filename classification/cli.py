@@ -28,6 +28,7 @@ parameter typed as a list takes the words before the first option (``report runs
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,7 +43,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 import asi_core
 
 from .backbones import MODELS, ckpt_dir
-from .callbacks import WeightsDigest
+from .callbacks import ResourceAccounting, WeightsDigest
 from .data import DATASETS, ClassificationData, num_classes_of
 from .model import ClassificationModel
 from .report import report
@@ -56,9 +57,13 @@ STANDALONE_COMMANDS: dict[str, Callable] = {}
 STANDALONE_COMMANDS["report"] = report
 
 
-def subcommand(fn: Callable) -> Callable:
-    """Mark an ``ASICLI`` method as a subcommand named like the method."""
+def subcommand(fn: Optional[Callable] = None, *, defaults: Optional[dict] = None) -> Callable:
+    """Mark an ``ASICLI`` method as a subcommand named like the method. ``@subcommand(defaults={"model.ranks": 1})``
+    also changes parser defaults for that subcommand only (a --config file or a command-line value still wins)."""
+    if fn is None:
+        return lambda f: subcommand(f, defaults=defaults)
     fn._asi_subcommand = True
+    fn._asi_defaults = dict(defaults or {})
     return fn
 
 
@@ -113,6 +118,7 @@ class ASICLI(LightningCLI):
             sub_kwargs = dict(kwargs.get(name, {}))
             sub_kwargs.setdefault("description", description)
             self._subcommand_parsers[name] = self._prepare_subcommand_parser(owner, name, **sub_kwargs)
+            self._subcommand_parsers[name].set_defaults(getattr(getattr(owner, name), "_asi_defaults", {}))
             parser_subcommands.add_subcommand(name, self._subcommand_parsers[name], help=description)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -145,7 +151,9 @@ class ASICLI(LightningCLI):
         cfg = self._section()
         self._check_choices(cfg)
         m, d = cfg.model, cfg.data
-        if d.setup == "B" and d.half == 2 and m.checkpoint is None:
+        if self.subcommand == "profile":  # random weights on random input: nothing to load, nothing to download
+            m.pretrained = False
+        elif d.setup == "B" and d.half == 2 and m.checkpoint is None:
             default = setup_b_checkpoint(m.backbone, d.name)
             if not default.is_file():
                 self._parser(self.subcommand).error(
@@ -179,8 +187,30 @@ class ASICLI(LightningCLI):
         if tcfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar())
         callbacks.append(WeightsDigest())
+        if self.subcommand in (None, "fit") and not any(isinstance(c, ResourceAccounting) for c in callbacks):
+            callbacks.append(ResourceAccounting())  # metrics.json["resources"]: memory, FLOPs, step timing
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+    # ------------------------------------------------------------------ profile
+    @subcommand(defaults={"model.ranks": 1})
+    def profile(self, model, datamodule, device: str = "auto"):
+        """One training step on random input: activation memory (analytic and measured) and FLOPs of the
+        fine-tuned layers, printed as one JSON object on the last line of stdout.
+
+        Random weights (--model.pretrained is forced to false, no setup-B checkpoint is looked for) and a random
+        batch of shape (--data.batch_size, 3, --data.resolution, --data.resolution): no dataset, no download.
+        asi uses --model.ranks, whose default is 1 here (4 for fit); a value from the command line or a
+        --config file wins. classification/resources.py documents the figures.
+
+        Args:
+            device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+        """
+        from .resources import profile_report
+
+        out = profile_report(model, datamodule.batch_size, datamodule.resolution, device)
+        print(json.dumps(out), flush=True)
+        self.profile_result = out
 
     # ------------------------------------------------------------------ results
     def _settings(self) -> dict:

@@ -1,0 +1,227 @@
+"""What one training step costs in the fine-tuned layers: activation memory (analytic and measured) and
+FLOPs. Shared by the ``ResourceAccounting`` callback (every fit, callbacks.py) and ``main.py profile``.
+
+* **Analytic** figures are read off each patched layer's ``last_stats`` (set by its last training
+  forward) through ``asi_core.accounting``: the paper's formulas (eq. 5, 11, 14-17), counted with
+  groups and on the output grid of strided convs; see that module's docstring. Nothing is recomputed
+  and no second pass runs: a few integer products per layer.
+* **Measured** activation memory (:class:`ActivationMeter`) is what autograd really keeps for backward,
+  through ``asi_core.lean.SavedTensorMeter``: every saved tensor, each storage once, parameters and the
+  model's buffers excluded. The meter starts in the forward-pre-hook of the first fine-tuned layer that
+  runs and stops when the loss is formed, so it covers the fine-tuned region *and* what follows it
+  (BatchNorm, activation masks, pooling, the head, the loss); the frozen part before the first
+  fine-tuned layer is never counted (it records no graph anyway: its parameters are frozen and its
+  input needs no gradient). Per fine-tuned layer it also records the bytes saved inside that layer's
+  forward (``measured_mib``, comparable with the analytic ``memory_mib``) and whether the layer's input
+  needed a gradient (which decides its input-gradient FLOPs: a ResNet downsample conv fed by a frozen
+  block input has none). The meter hands autograd the same storage (``t.detach()``), so the step it
+  watches computes exactly what it would without it.
+
+Totals (:func:`totals`) add ``train_gflops`` = forward + weight-gradient backward + overhead + core:
+the per-step cost of a method in the sense of the paper's Table 1 (which has no input gradient), but
+counted correctly; ``paper_gflops`` is the same sum with eq. 16/17 as written (``asi_core.accounting``).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+import asi_core
+from asi_core import accounting
+from asi_core.lean import SavedTensorMeter, _storage_key, _storage_nbytes
+
+__all__ = ["ActivationMeter", "layer_reports", "totals", "resource_summary", "profile_step", "profile_report",
+           "MASK_DTYPES"]
+
+MIB = accounting.MIB
+MASK_DTYPES = (torch.uint8, torch.bool)  # what lean.py's bit masks and dropout masks are saved as
+
+
+class _StorageMeter(SavedTensorMeter):
+    """A SavedTensorMeter whose records also name their storage, so that the bytes saved inside one
+    layer's forward can be summed (each storage once) apart from the global count."""
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        saved = super()._pack(t)
+        try:
+            key, nbytes = _storage_key(t), _storage_nbytes(t)
+        except (RuntimeError, NotImplementedError):  # as SavedTensorMeter: no plain storage
+            key, nbytes = ("tensor", id(saved)), t.numel() * t.element_size()
+        self.records[-1].update(storage=key, storage_nbytes=nbytes)
+        return saved
+
+
+class ActivationMeter:
+    """Measured activation memory of one training forward, from the first fine-tuned layer on::
+
+        with ActivationMeter(net) as meter:       # net: a model patched by asi_core.patch
+            loss = criterion(net(x), y)           # counting starts in the first patched layer's forward
+        loss.backward()
+        meter.summary()["measured_activation_mib"]
+
+    or ``meter = ActivationMeter(net).start()`` ... ``meter.stop()`` when the forward happens between two
+    callback hooks. The graph must still be alive at ``stop()`` (stop before ``backward()``).
+    ``exclude``: more modules/tensors whose storages are not activations (``net``'s own parameters and
+    buffers always are)."""
+
+    def __init__(self, net: nn.Module, exclude: Iterable[torch.Tensor | nn.Module] = ()):
+        self.layers = asi_core.patched_layers(net)
+        if not self.layers:
+            raise ValueError("ActivationMeter: the model has no fine-tuned layers; call asi_core.patch(model, ...) "
+                             "first (the meter counts from the first patched layer on)")
+        self._meter = _StorageMeter(exclude=[net, *exclude])
+        self._handles: list = []
+        self._marks: dict[str, int] = {}
+        self.running = False   # saved-tensor hooks active
+        self.started = False   # the first patched layer's forward has run
+        self.layer_bytes: dict[str, int] = {}
+        self.input_requires_grad: dict[str, bool] = {}
+
+    # -------------------------------------------------------------- hooks
+    def start(self) -> "ActivationMeter":
+        for name, layer in self.layers:
+            self._handles.append(layer.register_forward_pre_hook(partial(self._pre, name)))
+            self._handles.append(layer.register_forward_hook(partial(self._post, name)))
+        return self
+
+    def _pre(self, name: str, module: nn.Module, args) -> None:
+        if not self.started:
+            self._meter.__enter__()
+            self.running = self.started = True
+        if args and isinstance(args[0], torch.Tensor):
+            self.input_requires_grad[name] = bool(args[0].requires_grad)
+        if self.running:
+            self._marks[name] = len(self._meter.records)
+
+    def _post(self, name: str, module: nn.Module, args, output) -> None:
+        start = self._marks.pop(name, None)
+        if start is None or not self.running:
+            return
+        storages = {r["storage"]: r["storage_nbytes"] for r in self._meter.records[start:] if not r["excluded"]}
+        self.layer_bytes[name] = self.layer_bytes.get(name, 0) + sum(storages.values())
+
+    def stop(self) -> "ActivationMeter":
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.running:
+            self._meter.__exit__(None, None, None)
+            self.running = False
+        return self
+
+    def __enter__(self) -> "ActivationMeter":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -------------------------------------------------------------- results
+    @property
+    def bytes(self) -> Optional[int]:
+        """Bytes saved for backward from the first fine-tuned layer on; None if no patched layer ran."""
+        return self._meter.bytes if self.started else None
+
+    @property
+    def mask_bytes(self) -> Optional[int]:
+        """Of :attr:`bytes`, those in uint8/bool tensors (lean bit masks, dropout masks)."""
+        if not self.started:
+            return None
+        return sum(r["nbytes"] for r in self._meter.records if r["dtype"] in MASK_DTYPES)
+
+    def summary(self) -> dict:
+        """``measured_activation_mib`` (None if no patched layer ran), ``measured_mask_mib`` and
+        ``measured_layers_mib`` (sum of the per-layer figures: what the fine-tuned layers themselves keep)."""
+        if not self.started:
+            return {"measured_activation_mib": None, "measured_mask_mib": None, "measured_layers_mib": None}
+        return {"measured_activation_mib": self.bytes / MIB, "measured_mask_mib": self.mask_bytes / MIB,
+                "measured_layers_mib": sum(self.layer_bytes.values()) / MIB}
+
+
+# ------------------------------------------------------------------ analytic
+def layer_reports(net: nn.Module, input_requires_grad: Optional[Mapping[str, bool]] = None) -> list[dict]:
+    """``asi_core.accounting.report_from_layer`` for every patched layer that has run a training forward,
+    with its qualified ``name`` first. ``input_requires_grad`` (name -> bool, e.g. from
+    :class:`ActivationMeter`) decides who pays an input gradient; unknown layers: all but the first."""
+    reports = []
+    for i, (name, layer) in enumerate(asi_core.patched_layers(net)):
+        if layer.last_stats is None:
+            continue
+        needs = (input_requires_grad or {}).get(name, i > 0)
+        reports.append({"name": name, **accounting.report_from_layer(layer, input_requires_grad=needs)})
+    return reports
+
+
+def totals(reports: Sequence[Mapping]) -> dict:
+    """``asi_core.accounting.summarize`` plus ``train_gflops`` = forward + backward + overhead + core."""
+    out = accounting.summarize(list(reports))
+    out["train_gflops"] = (out["forward_gflops"] + out["backward_gflops"] + out["overhead_gflops"]
+                           + out["core_gflops"])
+    return out
+
+
+def resource_summary(net: nn.Module, meter: Optional[ActivationMeter] = None) -> dict:
+    """Totals of :func:`totals`, the meter's summary (when given) and ``layers`` (one report per patched
+    layer, with ``measured_mib`` when measured)."""
+    reports = layer_reports(net, meter.input_requires_grad if meter is not None else None)
+    out = totals(reports)
+    if meter is not None:
+        out.update(meter.summary())
+        for rep in reports:
+            if rep["name"] in meter.layer_bytes:
+                rep["measured_mib"] = meter.layer_bytes[rep["name"]] / MIB
+    out["layers"] = reports
+    return out
+
+
+# ------------------------------------------------------------------ one step
+def profile_step(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = None,
+                 loss_fn: Optional[Callable] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+                 net: Optional[nn.Module] = None) -> dict:
+    """Run one training step of ``model`` on ``x`` (forward, ``loss_fn(output, y)``, backward, and an
+    optimizer step when given) with an :class:`ActivationMeter` around the forward; return
+    :func:`resource_summary`. ``net`` is the patched network (default ``model.net`` or ``model``);
+    ``loss_fn`` defaults to ``model.criterion`` or cross-entropy. The model is left in training mode."""
+    net = net if net is not None else getattr(model, "net", model)
+    loss_fn = loss_fn or getattr(model, "criterion", None) or nn.CrossEntropyLoss()
+    model.train()
+    with ActivationMeter(net, exclude=[model]) as meter:
+        loss = loss_fn(model(x), y)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return resource_summary(net, meter)
+
+
+def profile_report(model: nn.Module, batch_size: int, resolution: int, device: str = "auto",
+                   seed: int = 0) -> dict:
+    """``main.py profile``: one training step of a ``ClassificationModel`` (its hparams name the backbone,
+    method and options) on random input (batch_size, 3, resolution, resolution) and random labels, with an
+    SGD step at the model's lr; returns the JSON object the command prints (schema in the README)."""
+    hp = model.hparams
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 3, resolution, resolution, generator=gen).to(device)
+    y = torch.randint(0, hp.num_classes, (batch_size,), generator=gen).to(device)
+    model.to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
+    res = profile_step(model, x, y, optimizer=optimizer)
+    options = {"asi": {"ranks": hp.ranks}, "hosvd": {"eps": hp.eps}, "gradfilter": {"radius": hp.radius}}
+    out = {"model": hp.backbone, "method": hp.method, "num_finetune": hp.num_finetune,
+           "batch_size": batch_size, "resolution": resolution, **options.get(hp.method, {}),
+           "lean": hp.method != "vanilla" if hp.lean is None else bool(hp.lean), "device": str(device)}
+    keys = ("activation_mib", "measured_activation_mib", "measured_layers_mib", "measured_mask_mib",
+            "forward_gflops", "backward_gflops", "overhead_gflops", "core_gflops", "input_grad_gflops",
+            "train_gflops", "paper_gflops", "total_gflops")
+    out.update({k: res[k] for k in keys})
+    out["analytic_plus_mask_mib"] = res["activation_mib"] + res["measured_mask_mib"]
+    layer_keys = ("name", "input_shape", "output_shape", "ranks", "memory_mib", "measured_mib", "forward_flops",
+                  "backward_flops", "overhead_flops", "core_flops", "input_grad_flops", "paper_forward_flops",
+                  "paper_backward_flops")
+    out["layers"] = [{k: rep.get(k) for k in layer_keys} for rep in res["layers"]]
+    return out
