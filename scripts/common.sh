@@ -1,0 +1,146 @@
+# Shared by the sweep scripts (source it, do not run it): arguments, dry run, skip-if-done, failures.
+#
+#   bash scripts/<sweep>.sh [DATA_ROOT [RUN_ROOT]]      (arguments win over the environment)
+#
+#   DATA_ROOT    datasets, <DATA_ROOT>/<dataset>/ (default: data)
+#   RUN_ROOT     run directories, <RUN_ROOT>/setup<A|B>/<model>/<dataset>/<method>/<exp>/ (default: runs)
+#   DRY_RUN=1    print the commands that would run, one a line, to be run from the repository root; run nothing
+#   KEEP_GOING=1 after a failed run go on with the next one, and fail at the end (default: stop at once)
+#   PYTHON       interpreter (default: .venv/bin/python when it exists, else python3)
+#   MODELS, DATASETS, SETUPS, LAYERS, ...: each script says which it reads and their defaults.
+#
+# A run whose result already exists is skipped, so an interrupted sweep resumes where it stopped: a fit is done
+# when its metrics.json holds "epochs_completed" (written when fit ends; callbacks may create the file earlier),
+# a perplexity table or a benchmark when its JSON file exists. Every run gets an explicit --exp_name, so the
+# scripts know where its result lands. Remove a run's folder to redo it.
+
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_abs() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
+DATA_ROOT="$(_abs "${1:-${DATA_ROOT:-data}}")"
+RUN_ROOT="$(_abs "${2:-${RUN_ROOT:-runs}}")"
+DRY_RUN="${DRY_RUN:-0}"
+KEEP_GOING="${KEEP_GOING:-0}"
+CKPT_DIR="$(_abs "${ASI_CKPT_DIR:-$REPO/ckpts}")"
+cd "$REPO"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+
+# The paper's grid (Sec. 4.1, Table 1/2); every list can be narrowed from the environment.
+ALL_MODELS="mcunet mobilenet_v2 resnet18 resnet34"
+DOWNSTREAM="cifar10 cifar100 cub200 flowers102 pets"
+EPSILONS="${EPSILONS:-0.4,0.5,0.6,0.7,0.8,0.9}"   # perplexity thresholds (Sec. 4.1 "Rank Selection")
+BUDGET="${BUDGET:-hosvd@0.8}"                      # ASI's memory budget: HOSVD_eps=0.8's peak memory (Sec. 4.1)
+N_RAN=0 N_SKIPPED=0 N_FAILED=0
+NEEDS=""   # set per call: NEEDS=FILE fit ...
+
+die() { echo "error: $*" >&2; exit 2; }
+
+# A path as the printed commands show it: relative to the repository root when inside it.
+rel() { case "$1" in "$REPO"/*) printf '%s\n' "${1#"$REPO"/}" ;; *) printf '%s\n' "$1" ;; esac; }
+
+# Shell-quote only what needs it (printf %q would also escape the commas of 0.4,0.5).
+_quote() {
+    local a out=()
+    for a in "$@"; do
+        if [[ "$a" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then out+=("$a"); else out+=("$(printf '%q' "$a")"); fi
+    done
+    printf '%s\n' "${out[*]}"
+}
+
+# is_done FILE: the result of a run exists (a metrics.json only counts once fit has finished).
+is_done() {
+    [[ -s "$1" ]] || return 1
+    [[ "$(basename "$1")" != metrics.json ]] || grep -q '"epochs_completed"' "$1"
+}
+
+# run_once DONE_FILE [--stdout FILE] [--needs FILE] -- CMD...
+# Run CMD from the repository root unless DONE_FILE shows it already ran. --stdout: CMD's standard output is
+# the result, written to FILE only when CMD succeeds. --needs: an input another sweep makes (a perplexity
+# table, a checkpoint); missing, the run fails with that said.
+run_once() {
+    local done_file="$1" stdout="" needs=""
+    shift
+    while [[ "$1" != -- ]]; do
+        case "$1" in
+            --stdout) stdout="$2"; shift 2 ;;
+            --needs) needs="$2"; shift 2 ;;
+            *) die "run_once: unknown option $1" ;;
+        esac
+    done
+    shift
+    if is_done "$done_file"; then
+        echo "skip (done): $(rel "$done_file")" >&2
+        N_SKIPPED=$((N_SKIPPED + 1))
+        return 0
+    fi
+    local shown
+    shown="$(_quote "$@")${stdout:+ > $(rel "$stdout")}"
+    if [[ "$DRY_RUN" == 1 ]]; then
+        [[ -z "$needs" || -e "$needs" ]] || echo "# needs $(rel "$needs"), which does not exist yet" >&2
+        printf '%s\n' "$shown"
+        N_RAN=$((N_RAN + 1))
+        return 0
+    fi
+    local rc=0
+    if [[ -n "$needs" && ! -e "$needs" ]]; then
+        echo "error: $(rel "$needs") does not exist; make it first (scripts/perplexity.sh for perplexity tables," \
+             "scripts/pretrain_setupB.sh for setup-B checkpoints). Not run: $shown" >&2
+        rc=3
+    else
+        echo "==> $shown" >&2
+        if [[ -n "$stdout" ]]; then
+            mkdir -p "$(dirname "$stdout")"
+            "$@" > "$stdout.tmp" && mv "$stdout.tmp" "$stdout" || { rc=$?; rm -f "$stdout.tmp"; }
+        else
+            "$@" || rc=$?
+        fi
+    fi
+    if [[ $rc == 0 ]]; then
+        N_RAN=$((N_RAN + 1))
+        is_done "$done_file" || echo "warning: the run ended but $(rel "$done_file") is not there" >&2
+        return 0
+    fi
+    N_FAILED=$((N_FAILED + 1))
+    echo "FAILED (exit $rc): $shown" >&2
+    [[ "$KEEP_GOING" == 1 ]] || exit "$rc"
+}
+
+# recipe SETUP: the fine-tuning recipe of a setup (A: ImageNet weights -> downstream; B: half 1 -> half 2).
+recipe() {
+    case "$1" in
+        A) echo configs/recipes/setupA.yaml ;;
+        B) echo configs/recipes/setupB_finetune.yaml ;;
+        *) die "unknown setup '$1' (A or B)" ;;
+    esac
+}
+
+# fit SETUP MODEL DATASET METHOD EXP [ARGS...]: one fine-tuning run, in RUN_ROOT/setup<S>/<model>/<dataset>/<method>/<exp>/.
+# NEEDS=FILE fit ... : the run needs FILE (see run_once --needs).
+fit() {
+    local setup="$1" model="$2" dataset="$3" method="$4" exp="$5"
+    shift 5
+    local dir="$RUN_ROOT/setup$setup/$model/$dataset/$method/$exp"
+    run_once "$dir/metrics.json" ${NEEDS:+--needs "$NEEDS"} -- \
+        "$PYTHON" main.py fit --config "$(recipe "$setup")" --config "configs/models/$model.yaml" \
+        --config "configs/data/$dataset.yaml" --data.root "$(rel "$DATA_ROOT")" --run_root "$(rel "$RUN_ROOT")" \
+        --exp_name "$exp" --model.method "$method" "$@"
+}
+
+# perplexity_file SETUP MODEL: the table scripts/perplexity.sh measures, which ASI's budgeted runs read.
+# Setup A measures the ImageNet-pretrained model on ImageNet (one table per model, for every downstream dataset);
+# setup B the half-1 checkpoint on ImageNet half 2. `main.py measure --exp_name E` writes it to
+# <run_root>/setup<S>/<model>/<dataset>/measure/E/perplexity.json.
+PPL_EXP="${PPL_EXP:-paper}"
+PPL_DATASET="${PPL_DATASET:-imagenet}"
+perplexity_file() { printf '%s\n' "$RUN_ROOT/setup$1/$2/$PPL_DATASET/measure/$PPL_EXP/perplexity.json"; }
+
+# finish: the tally; non-zero when a run failed (with KEEP_GOING=1).
+finish() {
+    local what="ran"
+    [[ "$DRY_RUN" == 1 ]] && what="to run"
+    echo "$(basename "$0"): $N_RAN $what, $N_SKIPPED skipped (done), $N_FAILED failed" >&2
+    [[ $N_FAILED == 0 ]]
+}
