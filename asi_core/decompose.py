@@ -69,22 +69,88 @@ def subspace_iteration(x: torch.Tensor, ranks: Sequence[int], previous: Optional
 
     - cold start (no usable previous factor): V ~ N(0, 1) of shape b_m x r (Alg. 2, t = 0), drawn
       from ``generator`` on x's device;
-    - warm start: V = A_(m)ᵀ U_prev, i.e. x ×_m U_prevᵀ (kept in tensor form, never unfolded);
+    - warm start: V = A_(m)ᵀ U_prev, i.e. x ×_m U_prevᵀ;
     - U = orthonormalize(A_(m) V).
 
     ``ranks`` must already be clipped (:func:`clip_ranks`). A mode with r = D_m is kept whole
     (factor None). Returns ``(core, factors)``; cost per mode is eq. 12/14 (2·a·b·r + r³).
+
+    Warm-started modes of a 4-D input are computed together by :func:`_warm_products_4d`, which
+    reads the activation once (in cache-sized batch chunks on CPU) instead of twice per mode; the
+    result is the same product A_(m) A_(m)ᵀ U_prev, only summed in another order.
     """
+    products: list = [None] * x.dim()
+    warm = [None] * x.dim()
+    for m, (d, r) in enumerate(zip(x.shape, ranks)):
+        prev = previous[m] if previous is not None else None
+        if r < d and prev is not None and prev.shape == (d, r):
+            warm[m] = prev.to(dtype=x.dtype, device=x.device)
+    if x.dim() == 4 and any(u is not None for u in warm):
+        products = _warm_products_4d(x, warm)
     factors: Factors = []
     for m, (d, r) in enumerate(zip(x.shape, ranks)):
         if r >= d:
             factors.append(None)
             continue
-        prev = previous[m] if previous is not None else None
-        if prev is not None and prev.shape == (d, r):
-            v = mode_product(x, prev.to(dtype=x.dtype, device=x.device), m, transpose=True)
-        else:
-            shape = x.shape[:m] + (r,) + x.shape[m + 1:]
-            v = torch.randn(shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
-        factors.append(orthonormalize(mode_dot_other_modes(x, v, m)))
+        p = products[m]
+        if p is None:
+            if warm[m] is not None:
+                v = mode_product(x, warm[m], m, transpose=True)
+            else:
+                shape = x.shape[:m] + (r,) + x.shape[m + 1:]
+                v = torch.randn(shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+            p = mode_dot_other_modes(x, v, m)
+        factors.append(orthonormalize(p))
     return project_core(x, factors), factors
+
+
+# Spatial modes no larger than this (H·W) get their products from one H·W Gram matrix per chunk: a
+# single well-shaped GEMM instead of thousands of tiny (r x H) @ (H x W) products.
+SMALL_SPATIAL = 64
+CPU_CHUNK_BYTES = 1 << 21
+
+
+def _warm_products_4d(x: torch.Tensor, warm: Factors) -> list:
+    """P_m = A_(m) A_(m)ᵀ U_m for every mode m with a warm factor U_m (others: None), for a
+    (B, C, H, W) tensor. Channel and spatial products are sums over samples, so they accumulate
+    chunk by chunk while the chunk is in cache; the batch product needs V_B = A_(B)ᵀ U_B, which
+    accumulates over chunks too, then one more pass P_B = A_(B) V_B."""
+    B, C, H, W = x.shape
+    x = x if x.is_contiguous() else x.contiguous()
+    u_b, u_c, u_h, u_w = warm
+    per = C * H * W
+    chunk = B if x.device.type != "cpu" else max(1, min(B, CPU_CHUNK_BYTES // max(1, per * x.element_size())))
+    v_b = x.new_zeros(u_b.shape[1], per) if u_b is not None else None
+    p_c = x.new_zeros(C, u_c.shape[1]) if u_c is not None else None
+    p_h = x.new_zeros(H, u_h.shape[1]) if u_h is not None else None
+    p_w = x.new_zeros(W, u_w.shape[1]) if u_w is not None else None
+    gram = H * W <= SMALL_SPATIAL and (u_h is not None or u_w is not None)
+    g_hw = x.new_zeros(H * W, H * W) if gram else None
+    u_ct = u_c.t().contiguous() if u_c is not None else None
+    u_ht = u_h.t().contiguous() if u_h is not None else None
+    for s in range(0, B, chunk):
+        xc = x[s:s + chunk]
+        n = xc.shape[0]
+        if v_b is not None:
+            v_b.addmm_(u_b[s:s + chunk].t(), xc.reshape(n, per))
+        if p_c is not None:
+            x3 = xc.reshape(n, C, H * W)
+            p_c += torch.bmm(x3, torch.matmul(u_ct, x3).transpose(1, 2)).sum(0)
+        if gram:
+            x2 = xc.reshape(n * C, H * W)
+            g_hw.addmm_(x2.t(), x2)
+            continue
+        if p_h is not None:
+            x3 = xc.reshape(n * C, H, W)
+            p_h += torch.bmm(x3, torch.matmul(u_ht, x3).transpose(1, 2)).sum(0)
+        if p_w is not None:
+            x2 = xc.reshape(n * C * H, W)
+            p_w += ((x2 @ u_w).t() @ x2).t()
+    if gram:
+        g = g_hw.reshape(H, W, H, W)
+        if u_h is not None:
+            p_h = torch.einsum("awbw->ab", g) @ u_h
+        if u_w is not None:
+            p_w = torch.einsum("hahb->ab", g) @ u_w
+    p_b = x.reshape(B, per) @ v_b.t() if v_b is not None else None
+    return [p_b, p_c, p_h, p_w]
