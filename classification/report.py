@@ -41,7 +41,7 @@ METHOD_ORDER = ("vanilla", "gradfilter", "hosvd", "asi")
 # The required CSV columns first, in this order; the rest are extras for whoever reads the CSV.
 CSV_COLUMNS = ("method", "num_finetune", "accuracy", "activation_mib", "gflops",
                "setup", "model", "dataset", "label", "final_accuracy", "best_accuracy", "accuracy_source",
-               "gflops_source", "peak", "measured_activation_mib", "train_gflops", "paper_gflops", "forward_gflops",
+               "gflops_source", "mem_peak", "gflops_peak", "measured_activation_mib", "train_gflops", "paper_gflops", "forward_gflops",
                "backward_gflops", "overhead_gflops", "runs", "run_dir")
 MISSING = "–"
 PathLike = Union[str, Path]
@@ -96,8 +96,8 @@ def _label(method: str, args: dict) -> tuple[str, tuple]:
         if not budget:  # with a budget the ranks are chosen per layer (the paper's ASI); say which otherwise
             if isinstance(ranks, (int, float, str)) and not isinstance(ranks, bool):
                 quals.append(f"r = {ranks}")
-            elif ranks:
-                quals.append("per-layer ranks")
+            else:
+                quals.append("per-layer ranks" if ranks else "default ranks")
         if warm is False:
             quals.append("no warm start")
         fixed = "" if budget or not isinstance(ranks, (int, float, str)) else str(ranks)
@@ -139,7 +139,7 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
         return None, False
 
     mem, mem_peak = resource("activation_mib")
-    train, train_peak = resource("train_gflops", "total_gflops")
+    train, train_peak = resource("train_gflops")
     paper, paper_peak = resource("paper_gflops")
     gflops, gflops_peak = (train, train_peak) if flops == "train" else (paper, paper_peak)
     final, best = _num(data.get("val_acc")), _num(data.get("best_val_acc"))
@@ -151,7 +151,7 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
         "label": label, "_variant": variant,
         "final_accuracy": None if final is None else 100 * final,
         "best_accuracy": None if best is None else 100 * best,
-        "activation_mib": mem, "gflops": gflops, "gflops_source": flops, "peak": bool(mem_peak or gflops_peak),
+        "activation_mib": mem, "gflops": gflops, "gflops_source": flops, "mem_peak": mem_peak, "gflops_peak": gflops_peak,
         "measured_activation_mib": resource("measured_activation_mib")[0],
         "train_gflops": train, "paper_gflops": paper,
         "forward_gflops": _num(res.get("forward_gflops")), "backward_gflops": _num(res.get("backward_gflops")),
@@ -183,9 +183,9 @@ def collect(run_dirs: Union[PathLike, Sequence[PathLike]], accuracy: Literal["fi
     metrics.json, or a metrics.json itself), sorted as the paper's tables.
 
     ``accuracy``: "final" (``val_acc``, falling back to ``best_val_acc``) or "best" (the other way round), in
-    percent. ``flops``: "train" (our count, ``train_gflops``: forward + weight gradient + input gradient +
-    compression overhead) or "paper" (``paper_gflops``: the paper's eq. 15-17 as written, comparable with its
-    tables). Several runs of one configuration: the latest metrics.json is kept (runs with an accuracy before runs
+    percent. ``flops``: "train" (our count, ``train_gflops``: forward + weight gradient + compression overhead,
+    groups and strides counted) or "paper" (``paper_gflops``: the paper's eq. 15-17 as written, comparable with
+    its tables). Columns ``mem_peak``/``gflops_peak`` say where a ``*_peak`` resource was used (HOSVD). Several runs of one configuration: the latest metrics.json is kept (runs with an accuracy before runs
     without); its row has ``runs`` > 1 and
     ``superseded`` lists the others. ``warn`` (default: print to stderr) receives a line per skipped file.
     """
@@ -265,11 +265,13 @@ def _md(rows: Sequence[dict]) -> str:
             lines.append(f"| {name} | {n}{mark} | {_fmt(r['accuracy'])} | {_fmt(r['activation_mib'])} | "
                          f"{_fmt(r['gflops'])} |")
         lines.append("")
-        if any(r["peak"] for r in group):
-            lines.append("HOSVD: peak activation memory and GFLOPs over training (paper Sec. 4.1).  ")
+        peaks = [what for what, key in (("activation memory", "mem_peak"), ("GFLOPs", "gflops_peak"))
+                 if any(r[key] for r in group)]
+        if peaks:
+            lines.append(f"HOSVD: peak {' and '.join(peaks)} over training (paper Sec. 4.1).  ")
         if any(r["gflops_source"] == "train" for r in group):
-            lines.append("GFLOPs per training step: forward + weight and input gradients + compression overhead "
-                         "(our count).  ")
+            lines.append("GFLOPs per training step: forward + weight gradient + compression overhead, with "
+                         "groups and strides counted (our count).  ")
         if any(r["gflops_source"] == "paper" for r in group):
             lines.append("GFLOPs: the paper's eq. 15-17 as written (comparable with its tables).  ")
         lines += [f"<sup>{i}</sup> {note}  " for i, note in enumerate(notes, 1)]
@@ -282,7 +284,7 @@ def _csv(rows: Sequence[dict]) -> str:
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else round(r[k], 6) if isinstance(r[k], float) else r[k])
+        w.writerow({k: ("" if r.get(k) is None else float(f"{r[k]:.6g}") if isinstance(r[k], float) else r[k])
                     for k in CSV_COLUMNS})
     return buf.getvalue()
 

@@ -54,7 +54,7 @@ def test_md_table_is_the_paper_layout(rows):
         "| ASI | 2 | 61.71 | 0.38 | 11.32 |",
         "|  | 4 | 63.49 | 0.83 | 12.41 |",
     ]
-    assert "HOSVD: peak activation memory" in md
+    assert "HOSVD: peak activation memory and GFLOPs over training" in md
     # the setup-B pretraining run (half 1, 70.12 %) is not a fine-tuning result
     assert "70.12" not in md and all(r["run_dir"].split(os.sep)[-1] != "pretrain" for r in rows)
 
@@ -88,7 +88,7 @@ def test_csv_columns_and_values(rows):
     assert len(records) == len(rows) == 18
     hosvd = next(r for r in records if (r["setup"], r["method"], r["num_finetune"]) == ("B", "hosvd", "4"))
     assert (float(hosvd["accuracy"]), float(hosvd["activation_mib"]), float(hosvd["gflops"])) == (63.92, 0.88, 2148.3)
-    assert hosvd["peak"] == "True" and float(hosvd["paper_gflops"]) == 2457.59
+    assert hosvd["mem_peak"] == hosvd["gflops_peak"] == "True" and float(hosvd["paper_gflops"]) == 2457.59
     vall = next(r for r in records if (r["setup"], r["method"], r["num_finetune"]) == ("B", "vanilla", "all"))
     assert float(vall["accuracy"]) == 67.38 and vall["measured_activation_mib"] == "641.2"
     missing = next(r for r in records if (r["setup"], r["method"], r["num_finetune"]) == ("A", "gradfilter", "4"))
@@ -157,3 +157,14 @@ def test_cli_report_out_file_and_errors(tmp_path, monkeypatch, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no metrics.json"):
         cli_main(["report", str(tmp_path / "empty")])
+
+
+def test_method_labels_name_what_differs():
+    from classification.report import _label
+
+    assert _label("gradfilter", {"radius": 7})[0] == "Gradient filtering R7"
+    assert _label("hosvd", {"eps": 0.9})[0] == "HOSVD (ε = 0.9)"
+    assert _label("asi", {"budget": "hosvd@0.8", "ranks": [[2, 8, 3, 3]], "warm_start": True})[0] == "ASI"
+    assert _label("asi", {"budget": 0.5, "warm_start": False})[0] == "ASI (no warm start)"
+    assert _label("asi", {"ranks": 2})[0] == "ASI (r = 2)"
+    assert _label("asi", {"ranks": None, "budget": None})[0] == "ASI (default ranks)"
