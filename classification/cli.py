@@ -22,6 +22,9 @@ documented parameters become the subcommand's options::
             batches: number of training batches to average over.
         '''
 
+``@subcommand(nested=True)`` puts the options under the subcommand's name instead (``--measure.epsilons``: the
+real ``measure`` subcommand below, classification/measure.py).
+
 A command that needs no model (e.g. a report over finished runs) is one entry in
 ``STANDALONE_COMMANDS`` (name -> function); its signature becomes its options (jsonargparse.CLI), and a first
 parameter typed as a list takes the words before the first option (``report runs/a runs/b --format csv``).
@@ -31,7 +34,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Literal, Optional, Union
 
 import torch
 from jsonargparse import Namespace
@@ -44,8 +47,9 @@ import asi_core
 
 from .backbones import MODELS, ckpt_dir
 from .callbacks import ResourceAccounting, WeightsDigest
-from .data import DATASETS, ClassificationData, num_classes_of
-from .model import ClassificationModel
+from .data import DATASETS, ClassificationData, input_shape_of, num_classes_of
+from .measure import PAPER_EPSILONS, PERPLEXITY_FILE, measure_exp_name
+from .model import ASI_DEFAULT_RANKS, ClassificationModel
 from .report import report
 from .rundir import default_exp_name, run_dir, write_metrics
 
@@ -57,13 +61,16 @@ STANDALONE_COMMANDS: dict[str, Callable] = {}
 STANDALONE_COMMANDS["report"] = report
 
 
-def subcommand(fn: Optional[Callable] = None, *, defaults: Optional[dict] = None) -> Callable:
+def subcommand(fn: Optional[Callable] = None, *, defaults: Optional[dict] = None, nested: bool = False) -> Callable:
     """Mark an ``ASICLI`` method as a subcommand named like the method. ``@subcommand(defaults={"model.ranks": 1})``
-    also changes parser defaults for that subcommand only (a --config file or a command-line value still wins)."""
+    also changes parser defaults for that subcommand only (a --config file or a command-line value still wins).
+    ``@subcommand(nested=True)`` puts the method's options under its name: ``measure --measure.epsilons ...``
+    (and a ``measure:`` section in a config file) instead of ``--epsilons``."""
     if fn is None:
-        return lambda f: subcommand(f, defaults=defaults)
+        return lambda f: subcommand(f, defaults=defaults, nested=nested)
     fn._asi_subcommand = True
     fn._asi_defaults = dict(defaults or {})
+    fn._asi_nested = nested
     return fn
 
 
@@ -129,6 +136,22 @@ class ASICLI(LightningCLI):
             if callable(fn):
                 fn(**self._prepare_subcommand_kwargs(subcommand)) if hook == subcommand else fn()
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        if not getattr(getattr(klass, subcommand), "_asi_nested", False):
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser = self.init_parser(**kwargs)  # as LightningCLI's, with the options nested under the name
+        self._add_arguments(parser)
+        self._subcommand_method_arguments[subcommand] = parser.add_method_arguments(
+            klass, subcommand, nested_key=subcommand, skip=set(self.subcommands()[subcommand]))
+        return parser
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        if not getattr(getattr(type(self), subcommand, None), "_asi_nested", False):
+            return super()._prepare_subcommand_kwargs(subcommand)
+        cfg = self.config_init[subcommand]
+        return {"model": self.model, "datamodule": self.datamodule,
+                **{k.split(".", 1)[1]: cfg[k] for k in self._subcommand_method_arguments[subcommand]}}
+
     # ------------------------------------------------------------------ parser
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--exp_name", type=Optional[str], default=None,
@@ -136,6 +159,8 @@ class ASICLI(LightningCLI):
         parser.add_argument("--run_root", type=str, default="runs",
                             help="Root of the run directories (runs/<setup>/<model>/<dataset>/<method>/<exp_name>/).")
         parser.link_arguments("data.name", "model.num_classes", compute_fn=num_classes_of)
+        # the model checks a --model.perplexity_file against the input shape at construction, before any data loads
+        parser.link_arguments(("data.batch_size", "data.resolution"), "model.input_shape", compute_fn=input_shape_of)
 
     def _section(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -151,6 +176,8 @@ class ASICLI(LightningCLI):
         cfg = self._section()
         self._check_choices(cfg)
         m, d = cfg.model, cfg.data
+        if self.subcommand == "measure":  # the fit's weights; vanilla, every layer trainable (nothing is optimised)
+            m.method, m.num_finetune, m.ranks, m.perplexity_file, m.budget = "vanilla", "all", None, None, None
         if self.subcommand == "profile":  # random weights on random input: nothing to load, nothing to download
             m.pretrained = False
         elif d.setup == "B" and d.half == 2 and m.checkpoint is None:
@@ -164,9 +191,14 @@ class ASICLI(LightningCLI):
         if cfg.trainer.default_root_dir:
             self.run_dir = Path(cfg.trainer.default_root_dir)
         else:
+            ranks = ASI_DEFAULT_RANKS if m.ranks is None else m.ranks
             exp = cfg.exp_name or ("pretrain" if d.setup == "B" and d.half == 1 else
-                                   default_exp_name(m.method, m.num_finetune, m.ranks, m.eps, m.radius))
-            self.run_dir = run_dir(cfg.run_root, d.setup, m.backbone, d.name, m.method, exp)
+                                   default_exp_name(m.method, m.num_finetune, ranks, m.eps, m.radius, m.budget))
+            kind = m.method
+            if self.subcommand == "measure":
+                kind, exp = "measure", cfg.exp_name or measure_exp_name(cfg.measure.num_finetune, d.batch_size,
+                                                                        d.resolution)
+            self.run_dir = run_dir(cfg.run_root, d.setup, m.backbone, d.name, kind, exp)
             cfg.trainer.default_root_dir = str(self.run_dir)
 
     def after_instantiate_classes(self) -> None:
@@ -212,6 +244,38 @@ class ASICLI(LightningCLI):
         print(json.dumps(out), flush=True)
         self.profile_result = out
 
+    # ------------------------------------------------------------------ measure
+    @subcommand(nested=True)
+    def measure(self, model, datamodule, epsilons: Union[List[float], str] = PAPER_EPSILONS, num_batches: int = 1,
+                num_finetune: Union[int, Literal["all"]] = "all", out: Optional[str] = None, overwrite: bool = False):
+        """Measure the activation perplexity table that --model.perplexity_file/--model.budget select ASI ranks from.
+
+        Per conv layer and eps (paper Sec. 3.3): the HOSVD ranks, the compressed memory (eq. 5, MiB) and the
+        activation perplexity (eq. 7) on training batches, written to perplexity.json and a PNG. The model is built
+        as fit builds it (weights, --model.checkpoint, setup B) but vanilla and never optimised: --model.method,
+        ranks and num_finetune are ignored. See classification/measure.py.
+
+        Args:
+            epsilons: Explained-variance thresholds, comma-separated ("0.4,0.5") or a list (paper: 0.4,...,0.9).
+            num_batches: K: full training batches to average the perplexity over (ranks: the largest seen).
+            num_finetune: Measure the last N conv layers, or "all"; fine-tuning may use any subset of them.
+            out: Output JSON path; default runs/setup<A|B>/<model>/<dataset>/measure/<exp_name>/perplexity.json
+                with exp_name l<num_finetune>_bs<batch_size>_res<resolution>. The PNG goes next to it.
+            overwrite: Re-measure even if the output already holds a table with the same settings.
+        """
+        from .measure import run_measure
+
+        cfg = self._section()
+        path = Path(out) if out else self.run_dir / PERPLEXITY_FILE
+        self.measure_result = run_measure(
+            model, datamodule, path=path, epsilons=epsilons, num_batches=num_batches, num_finetune=num_finetune,
+            overwrite=overwrite, device=self.trainer.strategy.root_device, seed=cfg.get("seed_everything"),
+            progress=cfg.trainer.enable_progress_bar is not False)
+        if not self.measure_result["skipped"]:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._parser(self.subcommand).save(cfg, str(self.run_dir / "config_measure.yaml"), skip_none=False,
+                                               overwrite=True, multifile=False)
+
     # ------------------------------------------------------------------ results
     def _settings(self) -> dict:
         cfg = self._section()
@@ -246,6 +310,8 @@ class ASICLI(LightningCLI):
         cfg = self._section()
         if cfg.data.setup == "B" and cfg.data.half == 1:
             out["exported_ckpt"] = str(self._export_pretrained(ck))
+        if getattr(self.model, "rank_selection", None) is not None:  # asi ranks from --model.perplexity_file
+            out["rank_selection"] = self.model.rank_selection
         write_metrics(self.run_dir, out)
 
     def _export_pretrained(self, ck: Optional[ModelCheckpoint]) -> Path:

@@ -121,6 +121,11 @@ def num_classes_of(name: str) -> int:
     return get_dataset_spec(name).num_classes
 
 
+def input_shape_of(batch_size: int, resolution: int) -> list[int]:
+    """Network input shape of a batch, ``[batch_size, 3, resolution, resolution]`` (every dataset is RGB)."""
+    return [batch_size, 3, resolution, resolution]
+
+
 def dataset_targets(ds: Dataset) -> list[int]:
     """Labels of a dataset without loading its images."""
     if isinstance(ds, ConcatDataset):

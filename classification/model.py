@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 import asi_core
+import asi_core.ranks as ranks_lib
 
 from .backbones import create_model, get_spec
 
@@ -32,6 +33,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 _BN = nn.modules.batchnorm._BatchNorm
+ASI_DEFAULT_RANKS = 4  # --model.ranks when neither ranks nor a perplexity file is given
 
 
 def _torch_load(path: str | Path):
@@ -78,6 +80,54 @@ def load_checkpoint_weights(net: nn.Module, path: str | Path, head: str) -> list
     return skipped
 
 
+def _check_rank_arguments(method: str, ranks, perplexity_file: Optional[str], budget) -> None:
+    if perplexity_file is None and budget is None:
+        return
+    if method != "asi":
+        raise ValueError(f"--model.perplexity_file and --model.budget choose the ranks of asi; they do not apply to "
+                         f"--model.method {method} (use --model.method asi, or drop them)")
+    if perplexity_file is None:
+        raise ValueError(f"--model.budget {budget} needs --model.perplexity_file: a perplexity.json from "
+                         f"`python main.py measure` (README, 'Rank selection')")
+    if budget is None:
+        raise ValueError("--model.perplexity_file needs --model.budget: MiB (e.g. 0.5), 'hosvd@0.8' (the paper's "
+                         "protocol) or 'min'")
+    if ranks is not None:
+        raise ValueError(f"--model.ranks {ranks} and --model.perplexity_file both set the asi ranks; choose one "
+                         f"(--model.ranks null to select them from the file under --model.budget)")
+
+
+def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], perplexity_file: str,
+                 budget: Union[float, str], input_shape: Optional[List[int]] = None) -> dict:
+    """ASI ranks for the last ``num_finetune`` convs of ``net`` from a perplexity table under ``budget``.
+
+    The table must have been measured for ``backbone``, cover those layers and (when ``input_shape`` is
+    given) the same input shape; otherwise ValueError names the mismatch. Returns ``asi_core.ranks.select``'s
+    result (budget_mib, per layer name/eps/ranks/memory_mib/perplexity, totals) plus the request and the
+    table's provenance: what metrics.json["rank_selection"] holds.
+    """
+    convs = asi_core.candidate_layers(net)
+    if num_finetune == "all":
+        names = convs
+    elif isinstance(num_finetune, int) and not isinstance(num_finetune, bool) and 1 <= num_finetune <= len(convs):
+        names = convs[-num_finetune:]
+    else:
+        raise ValueError(f"num_finetune must be 'all' or an integer in [1, {len(convs)}] (the model's conv layers), "
+                         f"got {num_finetune!r}")
+    try:
+        table = ranks_lib.load_table(perplexity_file)
+        ranks_lib.check_table_matches(table, model_name=backbone, layer_names=names, input_shape=input_shape)
+        chosen = ranks_lib.select(table, budget, layers=names)
+    except ValueError as err:
+        raise ValueError(f"--model.perplexity_file {perplexity_file}: {err}") from None
+    rank_zero_info(f"asi ranks from {perplexity_file} under budget {budget} ({chosen['budget_mib']:.4g} MiB): "
+                   f"{chosen['total_memory_mib']:.4g} MiB, perplexity {chosen['total_perplexity']:.4g}; "
+                   + ", ".join(f"{c['name']} eps={c['eps']} r={tuple(c['ranks'])}" for c in chosen["layers"]))
+    return {"perplexity_file": str(perplexity_file), "budget": budget, **chosen,
+            "table": {k: table[k] for k in ("model", "dataset", "input_shape", "batch_size", "epsilons",
+                                           "num_batches")}}
+
+
 class ClassificationModel(pl.LightningModule):
     def __init__(
         self,
@@ -87,7 +137,9 @@ class ClassificationModel(pl.LightningModule):
         checkpoint: Optional[str] = None,
         method: str = "vanilla",
         num_finetune: Union[int, Literal["all"]] = 2,
-        ranks: Union[int, List[Tuple[int, int, int, int]]] = 4,
+        ranks: Optional[Union[int, List[Tuple[int, int, int, int]]]] = None,
+        perplexity_file: Optional[str] = None,
+        budget: Optional[Union[float, str]] = None,
         eps: float = 0.8,
         radius: int = 2,
         warm_start: bool = True,
@@ -99,6 +151,7 @@ class ClassificationModel(pl.LightningModule):
         weight_decay: float = 1e-4,
         warmup_epochs: int = 0,
         scheduler: Literal["cosine", "constant"] = "cosine",
+        input_shape: Optional[List[int]] = None,
     ):
         """Classifier fine-tuned with activation compression.
 
@@ -112,7 +165,13 @@ class ClassificationModel(pl.LightningModule):
             method: Activation compression: vanilla, gradfilter, hosvd or asi (asi_core.METHODS).
             num_finetune: Number of last Conv2d layers to train, or "all". Earlier layers are frozen.
             ranks: asi: one rank for every mode of every layer, or one (r1, r2, r3, r4) per fine-tuned layer,
-                in layer order.
+                in layer order. Default: 4, or chosen per layer from --model.perplexity_file (give one or the other).
+            perplexity_file: asi: a perplexity.json of ``python main.py measure`` (same backbone, batch size and
+                resolution, covering the fine-tuned layers); ranks are then chosen per layer under --model.budget
+                (asi_core.ranks.select, eq. 9) and written to metrics.json["rank_selection"].
+            budget: asi with --model.perplexity_file: activation-memory budget of the fine-tuned layers, in MiB
+                (e.g. 0.5); "hosvd@0.8" = the memory HOSVD with eps 0.8 needs on the same layers, read from the
+                same file (the paper's protocol); or "min" (the least memory the table offers).
             eps: hosvd: explained-variance threshold in (0, 1] (paper: 0.8).
             radius: gradfilter: patch radius R >= 1 of gradient filtering.
             warm_start: asi: start each step's subspace iteration from the previous step's factors.
@@ -124,6 +183,8 @@ class ClassificationModel(pl.LightningModule):
             weight_decay: L2 weight decay (paper: 1e-4).
             warmup_epochs: Epochs of linear learning-rate warm-up (paper: 4 on ImageNet setup B).
             scheduler: "cosine" annealing to 0 over the run (paper), or "constant".
+            input_shape: Network input [batch size, 3, resolution, resolution]; linked from --data.batch_size and
+                --data.resolution, not set by hand. Checked against --model.perplexity_file (None: not checked).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -134,8 +195,14 @@ class ClassificationModel(pl.LightningModule):
         if checkpoint is not None:
             load_checkpoint_weights(self.net, checkpoint, spec.head)
         options = {k: getattr(self.hparams, k) for k in METHOD_OPTIONS.get(method, ())}
-        if "ranks" in options and not isinstance(options["ranks"], int):
-            options["ranks"] = [tuple(r) for r in options["ranks"]]
+        self.rank_selection: Optional[dict] = None  # set when ranks come from a perplexity file
+        _check_rank_arguments(method, ranks, perplexity_file, budget)
+        if perplexity_file is not None:
+            self.rank_selection = select_ranks(self.net, backbone, num_finetune, perplexity_file, budget, input_shape)
+            options["ranks"] = [tuple(layer["ranks"]) for layer in self.rank_selection["layers"]]
+        elif "ranks" in options:
+            ranks = ASI_DEFAULT_RANKS if ranks is None else ranks
+            options["ranks"] = ranks if isinstance(ranks, int) else [tuple(r) for r in ranks]
         self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean, **options)
         if set_bn_eval:
             for m in self.net.modules():

@@ -16,10 +16,13 @@ METRICS_FILE = "metrics.json"
 
 
 def default_exp_name(method: str, num_finetune: Union[int, str], ranks: Any = None, eps: Any = None,
-                     radius: Any = None) -> str:
-    """A readable name saying what differs between runs of one method: ``l2_r4``, ``l4_eps0.8`` ..."""
+                     radius: Any = None, budget: Any = None) -> str:
+    """A readable name saying what differs between runs of one method: ``l2_r4``, ``l4_eps0.8``,
+    ``l4_budgethosvd@0.8`` (asi ranks chosen from a perplexity table under a budget) ..."""
     name = f"l{num_finetune}"
-    if method == "asi":
+    if method == "asi" and budget is not None:
+        name += f"_budget{budget}"
+    elif method == "asi":
         name += f"_r{ranks}" if isinstance(ranks, int) else "_r" + "-".join("x".join(map(str, r)) for r in ranks)
     elif method == "hosvd":
         name += f"_eps{eps}"

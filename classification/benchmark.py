@@ -1,0 +1,171 @@
+"""Latency benchmark (``python main.py benchmark``): times training steps of several methods on
+random input in one process, interleaved (A B C D A B C D ...) after warm-up, and reports medians
+and ratios to vanilla. With ``per_layer`` it also times, per fine-tuned layer, the weight-gradient
+computation alone (exact for vanilla; from the kept compressed form for the others).
+
+Everything here is measurement: no dataset, no pretrained weights.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+import asi_core
+
+__all__ = ["run_benchmark", "time_weight_gradients"]
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_benchmark(build: Callable[[str], nn.Module], methods: Sequence[str], batch_size: int, resolution: int,
+                  num_classes: int = 10, steps: int = 5, warmup: int = 1, per_layer: bool = False,
+                  device: str | torch.device = "cpu", seed: int = 0,
+                  progress: Optional[Callable[[str], None]] = None) -> dict:
+    """``build(method) -> nn.Module`` gives a patched network in training mode (BatchNorm handled
+    by the caller). Returns {"methods": {name: {"forward_s", "backward_s", "optimizer_s", "step_s"}},
+    "ratios_to_vanilla": {name: {"forward", "backward", "step"}} (time ratios; < 1 is faster),
+    "speedup_vs_vanilla": {name: vanilla step / method step}, and with per_layer "per_layer"}."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    x = torch.randn(batch_size, 3, resolution, resolution, device=device)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    nets, opts = {}, {}
+    for m in methods:
+        net = build(m).to(device)
+        nets[m] = net
+        params = [p for p in net.parameters() if p.requires_grad]
+        opts[m] = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    times = {m: {"forward_s": [], "backward_s": [], "optimizer_s": [], "step_s": []} for m in methods}
+    for it in range(warmup + steps):
+        for m in methods:  # interleaved: every method sees the same machine state on average
+            net, opt = nets[m], opts[m]
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = loss_fn(net(x), y)
+            _sync(device)
+            t1 = time.perf_counter()
+            loss.backward()
+            _sync(device)
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            t3 = time.perf_counter()
+            if it >= warmup:
+                for key, val in (("forward_s", t1 - t0), ("backward_s", t2 - t1), ("optimizer_s", t3 - t2),
+                                 ("step_s", t3 - t0)):
+                    times[m][key].append(val)
+            if progress is not None:
+                progress(f"{'warm-up' if it < warmup else 'step'} {it + 1}/{warmup + steps} {m}: {t3 - t0:.3f}s")
+    medians = {m: {k: _median(v) for k, v in t.items()} for m, t in times.items()}
+    result = {"methods": medians}
+    if "vanilla" in medians:
+        v = medians["vanilla"]
+        result["ratios_to_vanilla"] = {m: {k: t[f"{k}_s"] / v[f"{k}_s"] for k in ("forward", "backward", "step")}
+                                       for m, t in medians.items()}
+        result["speedup_vs_vanilla"] = {m: v["step_s"] / t["step_s"] for m, t in medians.items()}
+    if per_layer:
+        result["per_layer"] = time_weight_gradients(nets, x, y, loss_fn, steps=steps, device=device)
+    return result
+
+
+def _capture(net, x, y, loss_fn):
+    """Inputs and output gradients of every patched layer for one training step."""
+    layers = asi_core.patched_layers(net)
+    grabbed = {}
+    handles = []
+    for name, layer in layers:
+        def hook(module, args, out, name=name):
+            grabbed[name] = {"x": module.ops.prepare(args[0]).detach()}
+            out.register_hook(lambda g: grabbed[name].__setitem__("g", g.detach().contiguous()))
+        handles.append(layer.register_forward_hook(hook))
+    loss_fn(net(x), y).backward()
+    for h in handles:
+        h.remove()
+    net.zero_grad(set_to_none=True)
+    return layers, grabbed
+
+
+def _weight_grad_closure(layer, x, g) -> Callable[[], torch.Tensor]:
+    """The weight-gradient computation of ``layer``'s method alone, on what the method keeps."""
+    method, ops, shape = layer.method, layer.ops, layer.weight.shape
+    with torch.no_grad():
+        if method.name == "vanilla":
+            return lambda: ops.weight_grad_exact(x, g, shape)
+        if method.name == "gradfilter":
+            x_bar = ops.filter_input(x, method.radius)
+            return lambda: ops.filter_weight_grad(x_bar, ops.filter_grad(g, method.radius)[0], shape)
+        state = copy.deepcopy(method)  # do not advance the layer's own warm-start state
+        core, factors = state.compress(x)
+    return lambda: ops.weight_grad(core, factors, g, shape)
+
+
+def time_weight_gradients(nets: dict, x, y, loss_fn, steps: int = 5, device=torch.device("cpu")) -> dict:
+    """Per fine-tuned layer and method: median seconds of the weight-gradient computation alone."""
+    closures = {}
+    for m, net in nets.items():
+        layers, grabbed = _capture(net, x, y, loss_fn)
+        closures[m] = {name: _weight_grad_closure(layer, grabbed[name]["x"], grabbed[name]["g"])
+                       for name, layer in layers}
+    names = list(next(iter(closures.values())))
+    out = {name: {} for name in names}
+    with torch.no_grad():
+        for name in names:
+            samples = {m: [] for m in closures}
+            for it in range(steps + 1):
+                for m in closures:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    closures[m][name]()
+                    _sync(device)
+                    if it:
+                        samples[m].append(time.perf_counter() - t0)
+            out[name] = {m: {"weight_grad_s": _median(s)} for m, s in samples.items()}
+            if "vanilla" in samples:
+                v = out[name]["vanilla"]["weight_grad_s"]
+                for m in samples:
+                    out[name][m]["speedup_vs_vanilla"] = v / out[name][m]["weight_grad_s"]
+    return out
+
+
+def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, resolution: int, steps: int = 5,
+                     warmup: int = 1, per_layer: bool = False, device: str = "auto", progress: bool = True) -> dict:
+    """``main.py benchmark``: one ClassificationModel per method from the same --model arguments (random
+    weights), timed by :func:`run_benchmark`. Returns the JSON object the command prints."""
+    from .model import ClassificationModel
+
+    unknown = [m for m in methods if m not in asi_core.METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} in --benchmark.methods; valid: {list(asi_core.METHODS)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = {k: v for k, v in model_args.items() if k != "method"}
+    args.update(pretrained=False, checkpoint=None)
+
+    def build(method):
+        module = ClassificationModel(method=method, **args)
+        module.train()  # set_bn_eval is applied by ClassificationModel.train
+        return module.net
+
+    say = (lambda msg: print(f"[benchmark] {msg}", flush=True)) if progress else None
+    result = run_benchmark(build, list(methods), batch_size, resolution, num_classes=args.get("num_classes", 10),
+                           steps=steps, warmup=warmup, per_layer=per_layer, device=device, progress=say)
+    config = {"model": args.get("backbone"), "num_finetune": args.get("num_finetune"), "batch_size": batch_size,
+              "resolution": resolution, "steps": steps, "warmup": warmup, "device": str(device),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "options": {"ranks": args.get("ranks"), "eps": args.get("eps"), "radius": args.get("radius"),
+                          "warm_start": args.get("warm_start"), "lean": args.get("lean")}}
+    return {"config": config, **result}
