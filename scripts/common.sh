@@ -7,6 +7,8 @@
 #   DRY_RUN=1    print the commands that would run, one a line, to be run from the repository root; run nothing
 #   KEEP_GOING=1 after a failed run go on with the next one, and fail at the end (default: stop at once)
 #   PYTHON       interpreter (default: .venv/bin/python when it exists, else python3)
+#   EXTRA_ARGS   appended to every main.py command, split on spaces, e.g. for a quick pass:
+#                EXTRA_ARGS="--trainer.max_epochs 1 --trainer.limit_train_batches 5"
 #   MODELS, DATASETS, SETUPS, LAYERS, ...: each script says which it reads and their defaults.
 #
 # A run whose result already exists is skipped, so an interrupted sweep resumes where it stopped: a fit is done
@@ -35,6 +37,7 @@ EPSILONS="${EPSILONS:-0.4,0.5,0.6,0.7,0.8,0.9}"   # perplexity thresholds (Sec. 
 BUDGET="${BUDGET:-hosvd@0.8}"                      # ASI's memory budget: HOSVD_eps=0.8's peak memory (Sec. 4.1)
 N_RAN=0 N_SKIPPED=0 N_FAILED=0
 NEEDS=""   # set per call: NEEDS=FILE fit ...
+read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
 die() { echo "error: $*" >&2; exit 2; }
 
@@ -126,7 +129,7 @@ fit() {
     run_once "$dir/metrics.json" ${NEEDS:+--needs "$NEEDS"} -- \
         "$PYTHON" main.py fit --config "$(recipe "$setup")" --config "configs/models/$model.yaml" \
         --config "configs/data/$dataset.yaml" --data.root "$(rel "$DATA_ROOT")" --run_root "$(rel "$RUN_ROOT")" \
-        --exp_name "$exp" --model.method "$method" "$@"
+        --exp_name "$exp" --model.method "$method" "$@" "${EXTRA[@]}"
 }
 
 # perplexity_file SETUP MODEL: the table scripts/perplexity.sh measures, which ASI's budgeted runs read.

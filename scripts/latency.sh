@@ -15,6 +15,6 @@ for n in ${DEPTHS:-2 4}; do
     out="$RUN_ROOT/latency/$n.json"
     run_once "$out" --stdout "$out" -- \
         "$PYTHON" main.py benchmark --config configs/models/mcunet.yaml --model.num_finetune "$n" --model.ranks 2 \
-        --data.batch_size 128 --data.resolution 224 --benchmark.methods "${METHODS:-vanilla,gradfilter,hosvd,asi}"
+        --data.batch_size 128 --data.resolution 224 --benchmark.methods "${METHODS:-vanilla,gradfilter,hosvd,asi}" "${EXTRA[@]}"
 done
 finish

@@ -22,7 +22,7 @@ for setup in ${SETUPS:-A B}; do
             "$PYTHON" main.py measure --config "$(recipe "$setup")" --config "configs/models/$model.yaml" \
             --config "configs/data/$PPL_DATASET.yaml" --data.root "$(rel "$DATA_ROOT")" \
             --run_root "$(rel "$RUN_ROOT")" --exp_name "$PPL_EXP" --measure.epsilons "$EPSILONS" \
-            --measure.num_batches "${NUM_BATCHES:-10}" --measure.num_finetune "${MEASURE_LAYERS:-all}"
+            --measure.num_batches "${NUM_BATCHES:-10}" --measure.num_finetune "${MEASURE_LAYERS:-all}" "${EXTRA[@]}"
     done
 done
 finish
