@@ -143,3 +143,11 @@ def test_latency_writes_the_benchmark_json_once(tmp_path):
     assert json.loads((runs / "latency/2.json").read_text()) == {"speedup_vs_vanilla": {"asi": 1.5}}
     proc = sh("latency", tmp_path / "data", runs, env=env)
     assert "skip (done)" in proc.stderr and len(log.read_text().splitlines()) == 2
+
+
+def test_extra_args_reach_every_command(tmp_path):
+    proc = sh("asi_setupB", tmp_path / "data", tmp_path / "runs",
+              env={"DRY_RUN": "1", "PYTHON": "python", "EXTRA_ARGS": "--trainer.max_epochs 1  --data.resolution 64"})
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 8
+    assert all(line.endswith("--model.budget hosvd@0.8 --trainer.max_epochs 1 --data.resolution 64") for line in lines)
