@@ -59,16 +59,17 @@ is_done() {
     [[ "$(basename "$1")" != metrics.json ]] || grep -q '"epochs_completed"' "$1"
 }
 
-# run_once DONE_FILE [--stdout FILE] [--needs FILE] -- CMD...
-# Run CMD from the repository root unless DONE_FILE shows it already ran. --stdout: CMD's standard output is
-# the result, written to FILE only when CMD succeeds. --needs: an input another sweep makes (a perplexity
-# table, a checkpoint); missing, the run fails with that said.
+# run_once DONE_FILE [--last-line FILE] [--needs FILE] -- CMD...
+# Run CMD from the repository root unless DONE_FILE shows it already ran. --last-line: the last line CMD prints
+# on stdout is the result (the JSON of `main.py benchmark`), written to FILE only when CMD succeeds; all of its
+# output is shown and kept in FILE.log. --needs: an input another sweep makes (a perplexity table, a checkpoint);
+# missing, the run fails with that said.
 run_once() {
     local done_file="$1" stdout="" needs=""
     shift
     while [[ "$1" != -- ]]; do
         case "$1" in
-            --stdout) stdout="$2"; shift 2 ;;
+            --last-line) stdout="$2"; shift 2 ;;
             --needs) needs="$2"; shift 2 ;;
             *) die "run_once: unknown option $1" ;;
         esac
@@ -80,7 +81,7 @@ run_once() {
         return 0
     fi
     local shown
-    shown="$(_quote "$@")${stdout:+ > $(rel "$stdout")}"
+    shown="$(_quote "$@")${stdout:+ | tail -n 1 > $(rel "$stdout")}"
     if [[ "$DRY_RUN" == 1 ]]; then
         [[ -z "$needs" || -e "$needs" ]] || echo "# needs $(rel "$needs"), which does not exist yet" >&2
         printf '%s\n' "$shown"
@@ -96,7 +97,8 @@ run_once() {
         echo "==> $shown" >&2
         if [[ -n "$stdout" ]]; then
             mkdir -p "$(dirname "$stdout")"
-            "$@" > "$stdout.tmp" && mv "$stdout.tmp" "$stdout" || { rc=$?; rm -f "$stdout.tmp"; }
+            { "$@" | tee "$stdout.log" >&2 && tail -n 1 "$stdout.log" > "$stdout.tmp" && mv "$stdout.tmp" "$stdout"; } ||
+                { rc=$?; rm -f "$stdout.tmp"; }
         else
             "$@" || rc=$?
         fi

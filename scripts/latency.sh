@@ -2,7 +2,7 @@
 # Training latency of the four methods (paper Sec. 4.4, Fig. 5): MCUNet, batch 128 at 224x224, ASI ranks 2,
 # forward / backward / step times per method measured in one process, interleaved (`main.py benchmark`), for each
 # number of fine-tuned layers. Random input: no dataset is read (DATA_ROOT is accepted and unused).
-# Output: $RUN_ROOT/latency/<n>.json, the JSON benchmark prints on stdout.
+# Output: $RUN_ROOT/latency/<n>.json, the JSON line benchmark prints last on stdout (all its output: <n>.json.log).
 #
 #   bash scripts/latency.sh [DATA_ROOT [RUN_ROOT]]      DRY_RUN=1 prints the commands; see scripts/common.sh
 #   DEPTHS="2 4"  METHODS=vanilla,gradfilter,hosvd,asi
@@ -13,7 +13,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 
 for n in ${DEPTHS:-2 4}; do
     out="$RUN_ROOT/latency/$n.json"
-    run_once "$out" --stdout "$out" -- \
+    run_once "$out" --last-line "$out" -- \
         "$PYTHON" main.py benchmark --config configs/models/mcunet.yaml --model.num_finetune "$n" --model.ranks 2 \
         --data.batch_size 128 --data.resolution 224 --benchmark.methods "${METHODS:-vanilla,gradfilter,hosvd,asi}" "${EXTRA[@]}"
 done

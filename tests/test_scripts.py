@@ -62,7 +62,7 @@ DRY = {
                         "--model.budget hosvd@0.8 --model.warm_start true"]),
     "latency": (2, ["python main.py benchmark --config configs/models/mcunet.yaml --model.num_finetune 4 "
                     "--model.ranks 2 --data.batch_size 128 --data.resolution 224 "
-                    "--benchmark.methods vanilla,gradfilter,hosvd,asi > {runs}/latency/4.json"]),
+                    "--benchmark.methods vanilla,gradfilter,hosvd,asi | tail -n 1 > {runs}/latency/4.json"]),
     "pretrain_setupB": (4, ["main.py fit --config configs/recipes/setupB_pretrain.yaml --config "
                             "configs/models/resnet34.yaml --config configs/data/imagenet.yaml", "--exp_name pretrain"]),
 }
@@ -84,10 +84,10 @@ def test_dry_run_prints_the_commands_and_runs_nothing(script, tmp_path):
 
 
 def fake_python(tmp_path: Path) -> Path:
-    """Stands in for the interpreter: logs its arguments; FAKE_FAIL=1 fails; a benchmark prints JSON."""
+    """Stands in for the interpreter: logs its arguments; FAKE_FAIL=1 fails; a benchmark prints progress, then JSON."""
     fake = tmp_path / "fakepy"
     fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$FAKE_LOG"\n[[ -z "${FAKE_FAIL:-}" ]] || exit 1\n'
-                    '[[ "$2" != benchmark ]] || echo \'{"speedup_vs_vanilla": {"asi": 1.5}}\'\n')
+                    '[[ "$2" != benchmark ]] || printf "[benchmark] step 1/5\\n{\\"speedup_vs_vanilla\\": {\\"asi\\": 1.5}}\\n"\n')
     fake.chmod(0o755)
     return fake
 
@@ -137,10 +137,11 @@ def test_latency_writes_the_benchmark_json_once(tmp_path):
     env = {"PYTHON": str(fake_python(tmp_path)), "FAKE_LOG": str(log), "DEPTHS": "2"}
     proc = sh("latency", tmp_path / "data", runs, env={**env, "FAKE_FAIL": "1"})
     assert proc.returncode == 1
-    assert list((runs / "latency").iterdir()) == []  # a failed benchmark leaves no result, not even half of one
+    assert [p.name for p in (runs / "latency").iterdir()] == ["2.json.log"]  # a failed benchmark leaves no result
     proc = sh("latency", tmp_path / "data", runs, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((runs / "latency/2.json").read_text()) == {"speedup_vs_vanilla": {"asi": 1.5}}
+    assert "[benchmark] step 1/5" in proc.stderr and "[benchmark]" in (runs / "latency/2.json.log").read_text()
     proc = sh("latency", tmp_path / "data", runs, env=env)
     assert "skip (done)" in proc.stderr and len(log.read_text().splitlines()) == 2
 
