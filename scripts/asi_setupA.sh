@@ -16,7 +16,7 @@ for model in ${MODELS:-$ALL_MODELS}; do
     for dataset in ${DATASETS:-$DOWNSTREAM}; do
         for n in ${LAYERS:-2 4}; do
             NEEDS="$ppl" fit A "$model" "$dataset" asi "l${n}_budget$BUDGET" --model.num_finetune "$n" \
-                --model.perplexity_file "$(rel "$ppl")" --model.budget "$BUDGET"
+                --model.perplexity_file "$ppl" --model.budget "$BUDGET"
         done
     done
 done

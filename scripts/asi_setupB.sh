@@ -15,7 +15,7 @@ for model in ${MODELS:-$ALL_MODELS}; do
     ppl="$(perplexity_file B "$model")"
     for n in ${LAYERS:-2 4}; do
         NEEDS="$ppl" fit B "$model" imagenet asi "l${n}_budget$BUDGET" --model.num_finetune "$n" \
-            --model.perplexity_file "$(rel "$ppl")" --model.budget "$BUDGET"
+            --model.perplexity_file "$ppl" --model.budget "$BUDGET"
     done
 done
 finish

@@ -19,12 +19,17 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-_abs() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
-DATA_ROOT="$(_abs "${1:-${DATA_ROOT:-data}}")"
-RUN_ROOT="$(_abs "${2:-${RUN_ROOT:-runs}}")"
+# Paths as the commands use them, which run from the repository root: relative to it when inside it, else absolute.
+_path() {
+    local p="$1"
+    [[ "$p" == /* ]] || p="$PWD/$p"
+    case "$p" in "$REPO"/*) printf '%s\n' "${p#"$REPO"/}" ;; *) printf '%s\n' "$p" ;; esac
+}
+DATA_ROOT="$(_path "${1:-${DATA_ROOT:-data}}")"
+RUN_ROOT="$(_path "${2:-${RUN_ROOT:-runs}}")"
+CKPT_DIR="$(_path "${ASI_CKPT_DIR:-$REPO/ckpts}")"
 DRY_RUN="${DRY_RUN:-0}"
 KEEP_GOING="${KEEP_GOING:-0}"
-CKPT_DIR="$(_abs "${ASI_CKPT_DIR:-$REPO/ckpts}")"
 cd "$REPO"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -41,16 +46,13 @@ read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
 die() { echo "error: $*" >&2; exit 2; }
 
-# A path as the printed commands show it: relative to the repository root when inside it.
-rel() { case "$1" in "$REPO"/*) printf '%s\n' "${1#"$REPO"/}" ;; *) printf '%s\n' "$1" ;; esac; }
-
-# Shell-quote only what needs it (printf %q would also escape the commas of 0.4,0.5).
+# QUOTED=the arguments shell-quoted where needed (printf %q alone would also escape the commas of 0.4,0.5).
 _quote() {
-    local a out=()
+    local a q out=()
     for a in "$@"; do
-        if [[ "$a" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then out+=("$a"); else out+=("$(printf '%q' "$a")"); fi
+        if [[ "$a" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then out+=("$a"); else printf -v q '%q' "$a"; out+=("$q"); fi
     done
-    printf '%s\n' "${out[*]}"
+    QUOTED="${out[*]}"
 }
 
 # is_done FILE: the result of a run exists (a metrics.json only counts once fit has finished).
@@ -76,21 +78,21 @@ run_once() {
     done
     shift
     if is_done "$done_file"; then
-        echo "skip (done): $(rel "$done_file")" >&2
+        echo "skip (done): $done_file" >&2
         N_SKIPPED=$((N_SKIPPED + 1))
         return 0
     fi
-    local shown
-    shown="$(_quote "$@")${stdout:+ | tail -n 1 > $(rel "$stdout")}"
+    _quote "$@"
+    local shown="$QUOTED${stdout:+ | tail -n 1 > $stdout}"
     if [[ "$DRY_RUN" == 1 ]]; then
-        [[ -z "$needs" || -e "$needs" ]] || echo "# needs $(rel "$needs"), which does not exist yet" >&2
+        [[ -z "$needs" || -e "$needs" ]] || echo "# needs $needs, which does not exist yet" >&2
         printf '%s\n' "$shown"
         N_RAN=$((N_RAN + 1))
         return 0
     fi
     local rc=0
     if [[ -n "$needs" && ! -e "$needs" ]]; then
-        echo "error: $(rel "$needs") does not exist; make it first (scripts/perplexity.sh for perplexity tables," \
+        echo "error: $needs does not exist; make it first (scripts/perplexity.sh for perplexity tables," \
              "scripts/pretrain_setupB.sh for setup-B checkpoints). Not run: $shown" >&2
         rc=3
     else
@@ -105,7 +107,7 @@ run_once() {
     fi
     if [[ $rc == 0 ]]; then
         N_RAN=$((N_RAN + 1))
-        is_done "$done_file" || echo "warning: the run ended but $(rel "$done_file") is not there" >&2
+        is_done "$done_file" || echo "warning: the run ended but $done_file is not there" >&2
         return 0
     fi
     N_FAILED=$((N_FAILED + 1))
@@ -113,24 +115,19 @@ run_once() {
     [[ "$KEEP_GOING" == 1 ]] || exit "$rc"
 }
 
-# recipe SETUP: the fine-tuning recipe of a setup (A: ImageNet weights -> downstream; B: half 1 -> half 2).
-recipe() {
-    case "$1" in
-        A) echo configs/recipes/setupA.yaml ;;
-        B) echo configs/recipes/setupB_finetune.yaml ;;
-        *) die "unknown setup '$1' (A or B)" ;;
-    esac
-}
+# RECIPE[SETUP]: the fine-tuning recipe of a setup (A: ImageNet weights -> downstream; B: half 1 -> half 2).
+declare -A RECIPE=([A]=configs/recipes/setupA.yaml [B]=configs/recipes/setupB_finetune.yaml)
+recipe() { [[ -n "${RECIPE[$1]:-}" ]] || die "unknown setup '$1' (A or B)"; printf '%s\n' "${RECIPE[$1]}"; }
 
 # fit SETUP MODEL DATASET METHOD EXP [ARGS...]: one fine-tuning run, in RUN_ROOT/setup<S>/<model>/<dataset>/<method>/<exp>/.
 # NEEDS=FILE fit ... : the run needs FILE (see run_once --needs).
 fit() {
     local setup="$1" model="$2" dataset="$3" method="$4" exp="$5"
     shift 5
-    local dir="$RUN_ROOT/setup$setup/$model/$dataset/$method/$exp"
-    run_once "$dir/metrics.json" ${NEEDS:+--needs "$NEEDS"} -- \
-        "$PYTHON" main.py fit --config "$(recipe "$setup")" --config "configs/models/$model.yaml" \
-        --config "configs/data/$dataset.yaml" --data.root "$(rel "$DATA_ROOT")" --run_root "$(rel "$RUN_ROOT")" \
+    [[ -n "${RECIPE[$setup]:-}" ]] || die "unknown setup '$setup' (A or B)"
+    run_once "$RUN_ROOT/setup$setup/$model/$dataset/$method/$exp/metrics.json" ${NEEDS:+--needs "$NEEDS"} -- \
+        "$PYTHON" main.py fit --config "${RECIPE[$setup]}" --config "configs/models/$model.yaml" \
+        --config "configs/data/$dataset.yaml" --data.root "$DATA_ROOT" --run_root "$RUN_ROOT" \
         --exp_name "$exp" --model.method "$method" "$@" "${EXTRA[@]}"
 }
 

@@ -18,7 +18,8 @@ for step in pretrain_setupB perplexity asi_setupA asi_setupB baselines warm_star
     fi
 done
 if [[ "$DRY_RUN" == 1 ]]; then
-    _quote "$PYTHON" main.py report "$(rel "$RUN_ROOT")" --out "$(rel "$RUN_ROOT")/report.md"
+    _quote "$PYTHON" main.py report "$RUN_ROOT" --out "$RUN_ROOT/report.md"
+    printf '%s\n' "$QUOTED"
 else
     "$PYTHON" main.py report "$RUN_ROOT" --out "$RUN_ROOT/report.md"
 fi

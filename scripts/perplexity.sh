@@ -20,8 +20,8 @@ for setup in ${SETUPS:-A B}; do
         [[ $setup == B ]] && needs=(--needs "$CKPT_DIR/setupB/${model}_$PPL_DATASET.ckpt")
         run_once "$out" "${needs[@]}" -- \
             "$PYTHON" main.py measure --config "$(recipe "$setup")" --config "configs/models/$model.yaml" \
-            --config "configs/data/$PPL_DATASET.yaml" --data.root "$(rel "$DATA_ROOT")" \
-            --run_root "$(rel "$RUN_ROOT")" --exp_name "$PPL_EXP" --measure.epsilons "$EPSILONS" \
+            --config "configs/data/$PPL_DATASET.yaml" --data.root "$DATA_ROOT" \
+            --run_root "$RUN_ROOT" --exp_name "$PPL_EXP" --measure.epsilons "$EPSILONS" \
             --measure.num_batches "${NUM_BATCHES:-10}" --measure.num_finetune "${MEASURE_LAYERS:-all}" "${EXTRA[@]}"
     done
 done

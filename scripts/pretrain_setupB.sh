@@ -12,7 +12,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 for model in ${MODELS:-$ALL_MODELS}; do
     run_once "$CKPT_DIR/setupB/${model}_imagenet.ckpt" -- \
         "$PYTHON" main.py fit --config configs/recipes/setupB_pretrain.yaml --config "configs/models/$model.yaml" \
-        --config configs/data/imagenet.yaml --data.root "$(rel "$DATA_ROOT")" --run_root "$(rel "$RUN_ROOT")" \
+        --config configs/data/imagenet.yaml --data.root "$DATA_ROOT" --run_root "$RUN_ROOT" \
         --exp_name pretrain "${EXTRA[@]}"
 done
 finish

@@ -23,7 +23,7 @@ for n in ${DEPTHS:-1 2 3 4 5 6 8 10}; do
                 --model.warm_start "$warm"
         else
             NEEDS="$ppl" fit A "$model" "$dataset" asi "l${n}_budget$BUDGET$suffix" --model.num_finetune "$n" \
-                --model.perplexity_file "$(rel "$ppl")" --model.budget "$BUDGET" --model.warm_start "$warm"
+                --model.perplexity_file "$ppl" --model.budget "$BUDGET" --model.warm_start "$warm"
         fi
     done
 done
