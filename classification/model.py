@@ -209,6 +209,7 @@ class ClassificationModel(pl.LightningModule):
                 if isinstance(m, _BN):
                     for p in m.parameters():
                         p.requires_grad_(False)
+        self.train(self.training)
         self.train_acc = MulticlassAccuracy(num_classes)
         self.val_acc = MulticlassAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes)
@@ -216,13 +217,21 @@ class ClassificationModel(pl.LightningModule):
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True):
-        """``set_bn_eval``: BatchNorm stays in eval mode whenever Lightning switches to training."""
+        """``set_bn_eval``: BatchNorm stays in eval mode whenever the module is switched to training."""
         super().train(mode)
         if mode and self.hparams.set_bn_eval:
             for m in self.net.modules():
                 if isinstance(m, _BN):
                     m.eval()
         return self
+
+    # Lightning 2.x does not call .train() at the start of fit (it keeps the mode it is given and
+    # restores it after validation), so the BN modes are also (re)applied where training starts.
+    def on_train_start(self):
+        self.train(self.training)
+
+    def on_train_epoch_start(self):
+        self.train(self.training)
 
     def forward(self, x):
         return self.net(x)
