@@ -1,10 +1,17 @@
 """Shared fixtures of the framework tests: tiny digits runs, in-process CLI, isolated ckpts/."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: the suite shares 2 cores with other processes, and OpenMP worker threads
+# spinning on a busy machine made a 32x32 MCUNet step ~20x slower than single-threaded.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
