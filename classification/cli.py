@@ -86,6 +86,7 @@ class RunConfigSaver(SaveConfigCallback):
         if self.already_saved:
             return
         if trainer.is_global_zero:
+            stage = getattr(stage, "value", stage)  # TrainerFn enum or str
             name = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
             path = Path(trainer.default_root_dir) / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,11 @@ class ASICLI(LightningCLI):
         m, d = cfg.model, cfg.data
         if self.subcommand == "measure":  # the fit's weights; vanilla, every layer trainable (nothing is optimised)
             m.method, m.num_finetune, m.ranks, m.perplexity_file, m.budget = "vanilla", "all", None, None, None
-        if self.subcommand == "profile":  # random weights on random input: nothing to load, nothing to download
+        if self.subcommand == "profile" and m.ranks is None and m.get("perplexity_file") is None:
+            m.ranks = 1  # profile's asi default (fit's: 4); given ranks or a perplexity file win
+        if self.subcommand == "benchmark" and m.ranks is None and m.get("perplexity_file") is None:
+            m.ranks = 2  # benchmark's asi default: rank 2 on every mode (the paper's latency setting)
+        if self.subcommand in ("profile", "benchmark"):  # random weights on random input: nothing to load or download
             m.pretrained = False
         elif d.setup == "B" and d.half == 2 and m.checkpoint is None:
             default = setup_b_checkpoint(m.backbone, d.name)
@@ -225,15 +230,15 @@ class ASICLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     # ------------------------------------------------------------------ profile
-    @subcommand(defaults={"model.ranks": 1})
+    @subcommand
     def profile(self, model, datamodule, device: str = "auto"):
         """One training step on random input: activation memory (analytic and measured) and FLOPs of the
         fine-tuned layers, printed as one JSON object on the last line of stdout.
 
         Random weights (--model.pretrained is forced to false, no setup-B checkpoint is looked for) and a random
         batch of shape (--data.batch_size, 3, --data.resolution, --data.resolution): no dataset, no download.
-        asi uses --model.ranks, whose default is 1 here (4 for fit); a value from the command line or a
-        --config file wins. classification/resources.py documents the figures.
+        asi uses --model.ranks, whose default is 1 here (4 for fit); ranks given on the command line or in a
+        --config file, or chosen from --model.perplexity_file, win. classification/resources.py documents the figures.
 
         Args:
             device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
@@ -243,6 +248,35 @@ class ASICLI(LightningCLI):
         out = profile_report(model, datamodule.batch_size, datamodule.resolution, device)
         print(json.dumps(out), flush=True)
         self.profile_result = out
+
+    # ------------------------------------------------------------------ benchmark
+    @subcommand(nested=True)
+    def benchmark(self, model, datamodule, methods: Union[List[str], str] = "vanilla,gradfilter,hosvd,asi",
+                  steps: int = 5, warmup: int = 1, per_layer: bool = False, device: str = "auto"):
+        """Latency of training steps per method on random input, interleaved in one process (paper Fig. 5).
+
+        Builds one network per method from the --model arguments (random weights, --model.pretrained forced to
+        false) and times forward, backward and optimiser step on a random batch of shape (--data.batch_size, 3,
+        --data.resolution, --data.resolution), methods interleaved (A B C D A B C D ...) after warm-up. Prints one
+        JSON object as the last stdout line: {"config", "methods": {name: {forward_s, backward_s, optimizer_s,
+        step_s}} (medians), "ratios_to_vanilla" (time ratios, < 1 is faster), "speedup_vs_vanilla"}, and with
+        per_layer the weight-gradient computation of each fine-tuned layer timed alone. asi uses --model.ranks
+        (default 2 here: rank 2 on every mode of every layer), hosvd --model.eps, gradfilter --model.radius.
+
+        Args:
+            methods: Comma-separated (or a list) subset of vanilla,gradfilter,hosvd,asi.
+            steps: Timed steps per method (medians are reported).
+            warmup: Untimed steps per method first.
+            per_layer: Also time each fine-tuned layer's weight-gradient computation alone.
+            device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+        """
+        from .benchmark import benchmark_models
+
+        names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+        out = benchmark_models(self._section().model.as_dict(), names, datamodule.batch_size,
+                               datamodule.resolution, steps=steps, warmup=warmup, per_layer=per_layer, device=device)
+        print(json.dumps(out), flush=True)
+        self.benchmark_result = out
 
     # ------------------------------------------------------------------ measure
     @subcommand(nested=True)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# `make demo`: the paper's pipeline end to end on data that ships with scikit-learn (8x8 handwritten digits,
+# upsampled), setup B, MCUNet-in1 at a small resolution, on the CPU:
+#   1. pretrain on half 1 of a label-skewed split (vanilla, every layer)           -> ckpt under $RUN_ROOT/ckpts
+#   2. measure the activation perplexity of the last 4 convs on half 2 (Sec. 3.3)   -> perplexity.json + PNG
+#   3. fine-tune the last 2 and 4 convs on half 2: vanilla, gradient filtering R2, HOSVD eps=0.8 and ASI with
+#      the budget of HOSVD eps=0.8 (ranks chosen exactly from the perplexity table)
+#   4. the Table-1-style report (printed, and $RUN_ROOT/report.csv) and the Pareto PNGs next to it
+#
+#   bash scripts/demo.sh [RUN_ROOT]        (default runs/demo; DRY_RUN=1 prints the commands)
+#   DEMO_RESOLUTION=64 DEMO_BATCH=32 DEMO_PRETRAIN_EPOCHS=15 DEMO_EPOCHS=8 override the defaults.
+#
+# Expected runtime: 8-12 minutes on a 2-core CPU (plus `make setup` on a fresh machine). Runs that finished are
+# skipped, so an interrupted demo resumes; remove $RUN_ROOT to start over.
+RUN_ROOT="${1:-${RUN_ROOT:-runs/demo}}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" data "$RUN_ROOT"
+
+case "$RUN_ROOT" in /*) CKPT_ROOT="$RUN_ROOT" ;; *) CKPT_ROOT="$REPO/$RUN_ROOT" ;; esac
+export ASI_CKPT_DIR="$CKPT_ROOT/ckpts"   # the demo's pretraining checkpoint stays inside the demo folder
+RES="${DEMO_RESOLUTION:-64}"
+BATCH="${DEMO_BATCH:-32}"
+PRE_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-15}"
+EPOCHS="${DEMO_EPOCHS:-8}"
+QUIET=(--trainer.enable_progress_bar false --trainer.enable_model_summary false)
+DATA=(--config configs/models/mcunet.yaml --config configs/data/digits.yaml --data.resolution "$RES"
+      --data.batch_size "$BATCH" --run_root "$RUN_ROOT")
+# The digits recipe: a few epochs of setup B fine-tuning (SGD, momentum 0.9, cosine), one warm-up epoch.
+EXTRA=(--data.resolution "$RES" --data.batch_size "$BATCH" --trainer.max_epochs "$EPOCHS" --model.warmup_epochs 1
+       --model.lr 0.05 "${QUIET[@]}" "${EXTRA[@]}")
+START=$SECONDS
+step() { echo; echo "=== [$1/4] $2 ($((SECONDS - START)) s so far)" >&2; }
+
+step 1 "pretraining MCUNet on digits half 1 (setup B, vanilla, all layers, $PRE_EPOCHS epochs)"
+run_once "$RUN_ROOT/setupB/mcunet/digits/vanilla/pretrain/metrics.json" -- \
+    "$PYTHON" main.py fit --config configs/recipes/setupB_pretrain.yaml "${DATA[@]}" --exp_name pretrain \
+    --trainer.max_epochs "$PRE_EPOCHS" --model.lr 0.1 "${QUIET[@]}"
+CKPT="$ASI_CKPT_DIR/setupB/mcunet_digits.ckpt"
+
+step 2 "measuring activation perplexity of the last 4 convs on half 2 (eps 0.4 ... 0.9)"
+PPL="$RUN_ROOT/setupB/mcunet/digits/measure/demo/perplexity.json"
+NEEDS="$CKPT" run_once "$PPL" --needs "$CKPT" -- \
+    "$PYTHON" main.py measure --config configs/recipes/setupB_finetune.yaml "${DATA[@]}" --exp_name demo \
+    --model.checkpoint "$CKPT" --measure.epsilons "$EPSILONS" --measure.num_batches 4 \
+    --measure.num_finetune 4 "${QUIET[@]}"
+
+step 3 "fine-tuning the last 2 and 4 convs on half 2: vanilla, gradfilter R2, hosvd eps=0.8, asi @ hosvd@0.8"
+for n in 2 4; do
+    fit B mcunet digits vanilla "l$n" --model.num_finetune "$n" --model.checkpoint "$CKPT"
+    fit B mcunet digits gradfilter "l${n}_R2" --model.num_finetune "$n" --model.radius 2 \
+        --model.checkpoint "$CKPT"
+    fit B mcunet digits hosvd "l${n}_eps0.8" --model.num_finetune "$n" --model.eps 0.8 \
+        --model.checkpoint "$CKPT"
+    NEEDS="$PPL" fit B mcunet digits asi "l${n}_hosvd@0.8" --model.num_finetune "$n" \
+        --model.perplexity_file "$PPL" --model.budget hosvd@0.8 --model.checkpoint "$CKPT"
+done
+
+step 4 "report"
+if [[ "$DRY_RUN" == 1 ]]; then
+    echo "$PYTHON main.py report $RUN_ROOT/setupB --format md --plots $RUN_ROOT"
+    echo "$PYTHON main.py report $RUN_ROOT/setupB --format csv --out $RUN_ROOT/report.csv --no_plots true"
+else
+    "$PYTHON" main.py report "$RUN_ROOT/setupB" --format md --plots "$RUN_ROOT" | tee "$RUN_ROOT/report.md"
+    "$PYTHON" main.py report "$RUN_ROOT/setupB" --format csv --out "$RUN_ROOT/report.csv" --no_plots true
+fi
+finish
+echo
+[[ "$DRY_RUN" == 1 ]] && exit 0
+echo "Done in $((SECONDS - START)) s. Results: $RUN_ROOT/report.md, $RUN_ROOT/report.csv," \
+     "Pareto plots $RUN_ROOT/pareto_*.png, runs under $RUN_ROOT/setupB/mcunet/digits/"
