@@ -26,13 +26,26 @@ MIB = 2 ** 20
 
 def hosvd_all_eps(x: torch.Tensor, epsilons: Sequence[float]):
     """Yield ``(eps, core, factors, ranks)`` of the truncated HOSVD for every ε from one SVD per mode."""
-    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    svds = [torch.linalg.svd(unfold(work, m), full_matrices=False)[:2] for m in range(work.dim())]
+    svds = [_mode_svd(x, m) for m in range(x.dim())]
     for eps in epsilons:
         ranks = tuple(eps_rank(s, eps) for _, s in svds)
         factors = [None if r >= d else u[:, :r].to(x.dtype).contiguous()
                    for (u, _), r, d in zip(svds, ranks, x.shape)]
         yield eps, project_core(x, factors), factors, ranks
+
+
+def _mode_svd(x: torch.Tensor, mode: int):
+    """Left singular vectors and values of the mode-``mode`` unfolding (a x b). For a wide unfolding
+    (a < b, the usual case: a = D_m, b = the product of the others) they come from the a x a Gram
+    matrix A Aᵀ in float64 (one GEMM + a small eigh: much cheaper than a thin SVD of A, and float64
+    keeps the small eigenvalues that float32 squaring would lose)."""
+    a = unfold(x, mode).double()
+    if a.shape[0] >= a.shape[1]:
+        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+        return u.to(x.dtype if x.dtype not in (torch.float16, torch.bfloat16) else torch.float32), s
+    evals, evecs = torch.linalg.eigh(a @ a.t())
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    return evecs.to(x.dtype if x.dtype not in (torch.float16, torch.bfloat16) else torch.float32), evals.sqrt()
 
 
 @torch.no_grad()
