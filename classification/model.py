@@ -210,9 +210,10 @@ class ClassificationModel(pl.LightningModule):
                     for p in m.parameters():
                         p.requires_grad_(False)
         self.train(self.training)
-        self.train_acc = MulticlassAccuracy(num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes)
+        # top-1 accuracy over samples, as the paper reports (torchmetrics' default would be macro)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.criterion = nn.CrossEntropyLoss()
 
     # ------------------------------------------------------------------ modes

@@ -60,6 +60,12 @@ def test_one_epoch_fit_per_method(method, run_cli, tmp_path):
             continue
         moved = not torch.equal(before, final[k])
         assert moved == (k in tuned), k
+    # val_acc is top-1 accuracy over the validated samples (2 batches of 32)
+    model = cli.model.eval()
+    with torch.no_grad():
+        batches = [b for _, b in zip(range(2), cli.datamodule.val_dataloader())]
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in batches)
+    assert metrics["val_acc"] == pytest.approx(correct / sum(len(y) for _, y in batches), abs=1e-6)
 
 
 def test_resume_continues_with_same_step_and_warm_start_buffers(run_cli, tmp_path):
@@ -78,6 +84,12 @@ def test_resume_continues_with_same_step_and_warm_start_buffers(run_cli, tmp_pat
         assert torch.equal(restored[k], v), k
     metrics = json.loads((last.parent.parent / "metrics.json").read_text())
     assert metrics["global_step"] == 6 and metrics["epochs_completed"] == 2
+
+    # test from the best checkpoint: the keys merge into the same metrics.json
+    run_cli("test", *common, "--ckpt_path", str(last.parent / "best.ckpt"))
+    after = json.loads((last.parent.parent / "metrics.json").read_text())
+    assert 0.0 <= after["test_acc"] <= 1.0 and after["global_step"] == 6
+    assert (last.parent.parent / "config_test.yaml").is_file()
 
 
 def test_setup_b_pretrain_exports_and_finetune_starts_from_it(run_cli, tmp_path, ckpts):
