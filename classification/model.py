@@ -47,7 +47,8 @@ def load_checkpoint_weights(net: nn.Module, path: str | Path, head: str) -> list
     """Load the weights of a pretraining checkpoint into ``net``; return the keys that were skipped.
 
     Accepts a Lightning checkpoint of this project (keys ``net.*``), one exported to ckpts/ by a
-    setup-B pretraining run, a plain state_dict, or keys prefixed ``model.``/``module.``.
+    setup-B pretraining run, a plain state_dict, or one whose keys carry another prefix (``model.``,
+    ``module.``, ...: the prefix that matches most of this model's tensors is stripped).
     Every backbone tensor must be found with the right shape; only the classifier head may be
     skipped (another number of classes). Extra keys (e.g. compression buffers) are ignored.
     """
@@ -59,8 +60,9 @@ def load_checkpoint_weights(net: nn.Module, path: str | Path, head: str) -> list
     obj = _torch_load(path)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     own = net.state_dict()
-    best = max(("", "net.", "model.", "module.", "model.model."),
-               key=lambda p: sum(k[len(p):] in own for k in state if k.startswith(p)))
+    # the key prefix (none, "net.", "model.", "module.", ...: up to 3 dotted components) that names most of our tensors
+    prefixes = {""} | {".".join(k.split(".")[:i]) + "." for k in state for i in range(1, min(4, k.count(".") + 1))}
+    best = max(sorted(prefixes), key=lambda p: sum(k[len(p):] in own for k in state if k.startswith(p)))
     state = {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
     head_keys = {k for k in own if k.startswith(head + ".")}
     load, skipped, bad = {}, [], []

@@ -95,6 +95,14 @@ def test_checkpoint_loading_keeps_backbone_and_skips_a_head_of_another_size(tmp_
         "classifier.linear.weight", "classifier.linear.bias"]
     assert torch.equal(five.first_conv.conv.weight, src.net.first_conv.conv.weight)
 
+    # another code base's prefix (e.g. the paper's released checkpoints): detected and stripped
+    foreign = tmp_path / "b.ckpt"
+    torch.save({"state_dict": {"model.backbone." + k: v for k, v in src.net.state_dict().items()}}, foreign)
+    assert load_checkpoint_weights(five, foreign, "classifier.linear") == [
+        "classifier.linear.weight", "classifier.linear.bias"]
+    assert torch.equal(five.blocks[3].mobile_inverted_conv.depth_conv.conv.weight,
+                       src.net.blocks[3].mobile_inverted_conv.depth_conv.conv.weight)
+
     with pytest.raises(ValueError, match="same --model.backbone"):
         load_checkpoint_weights(create_model("resnet18", 10, pretrained=False), lightning_style, "fc")
     with pytest.raises(FileNotFoundError, match="setupB_pretrain"):
