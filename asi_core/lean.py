@@ -22,6 +22,9 @@ plain module           lean module                           saved for backward
 ``nn.ReLU6``           :class:`LeanReLU6`                    1 bit per element
 ``nn.Hardtanh``        :class:`LeanHardtanh`                 1 bit per element
 ``nn.LeakyReLU``       :class:`LeanLeakyReLU`                1 bit per element
+``nn.Dropout``         :class:`LeanDropout`                  1 bit per element (the kept ones);
+                                                             plain keeps a float (CPU) or bool
+                                                             (CUDA) mask
 =====================  ====================================  ==================================
 
 Each lean class *subclasses* its plain class and only overrides ``forward``, so
@@ -36,7 +39,9 @@ computed by PyTorch's own backward kernels (``threshold_backward``, ``hardtanh_b
 ``leaky_relu_backward``), so the convention is PyTorch's by construction. (At NaN inputs
 PyTorch's CPU ``hardtanh_backward`` disagrees with itself, vectorised part vs scalar tail;
 there only, the lean ReLU6 may differ from plain.) Forward outputs are bit-identical to
-the plain modules (the same PyTorch kernels compute them).
+the plain modules (the same PyTorch kernels compute them); :class:`LeanDropout` draws the
+same random numbers as ``nn.Dropout`` (same kernels on a tensor of ones), so under one seed
+its output and gradient are the plain ones too.
 
 Scope / limits:
 
@@ -51,6 +56,10 @@ Scope / limits:
   returned value is not supported. Without grad (inference) they run exactly as plain,
   in place included.
 * Double backward works (the masks / ``scale`` are constants of ``x``).
+* Converting a whole model is safe: where no graph is recorded (``torch.no_grad()``, or
+  an input that needs no gradient, as in the frozen part of a fine-tuned network) every
+  lean module runs its plain ``forward`` (bit-identical output, in-place included), at the
+  cost of one Python check per call.
 
 :class:`SavedTensorMeter` measures what autograd keeps for backward ("measured activation
 memory"), used by the accounting code and by the tests to check the bounds above.
@@ -74,6 +83,7 @@ __all__ = [
     "LeanReLU6",
     "LeanHardtanh",
     "LeanLeakyReLU",
+    "LeanDropout",
     "LEAN_OF",
     "make_lean",
     "unmake_lean",
@@ -255,6 +265,56 @@ class LeanLeakyReLU(nn.LeakyReLU):
         )
 
 
+# ------------------------------------------------------------------------ dropout
+def _fused_dropout(x: torch.Tensor) -> bool:
+    # at::dropout's is_fused_kernel_acceptable (0 < p < 1 and numel > 0 are checked by the caller):
+    # these devices run native_dropout (a bool mask), the others input * (bernoulli noise / (1 - p)).
+    return x.device.type in ("cuda", "xpu", "lazy", "privateuseone")
+
+
+class _Dropout(torch.autograd.Function):
+    """Training-mode dropout, ``0 < p < 1``, drawing exactly what ``F.dropout(x, p, True,
+    inplace)`` draws; saves only the packed "kept" mask. Where PyTorch runs ``native_dropout``
+    (CUDA, not in place) this *is* ``native_dropout`` and its backward; elsewhere PyTorch computes
+    ``x * noise`` with ``noise = bernoulli(1 - p) / (1 - p)``, and so does this, ``noise`` being
+    ``F.dropout`` of a tensor of ones (same shape, layout and draws); backward ``grad * noise``
+    with ``noise`` rebuilt from the mask and the one nonzero value of ``noise``."""
+
+    @staticmethod
+    def forward(ctx, x, p: float, inplace: bool):
+        ctx.p, ctx.scale = p, None
+        if not inplace and _fused_dropout(x):
+            y, keep = _aten.native_dropout(x, p, True)
+        else:
+            noise = F.dropout(torch.ones_like(x), p, True, inplace)
+            y, keep = x * noise, noise != 0
+            ctx.scale = noise.amax()  # 1/(1-p) exactly as PyTorch rounded it (0 if nothing kept)
+        packed, ctx.mask_shape, ctx.mask_perm = _pack_in_memory_order(keep)
+        ctx.save_for_backward(packed)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        if ctx.scale is None:
+            keep = _unpack_layout(packed, ctx.mask_shape, ctx.mask_perm)
+            return _aten.native_dropout_backward(grad, keep, 1.0 / (1.0 - ctx.p)), None, None
+        keep = _unpack_layout(packed, ctx.mask_shape, ctx.mask_perm, grad.dtype)
+        return grad * (keep * ctx.scale.to(grad.dtype)), None, None
+
+
+class LeanDropout(nn.Dropout):
+    """``nn.Dropout`` saving a 1-bit mask of the kept elements instead of a float (CPU) or bool
+    (CUDA) one. Same random draws, output and gradient as the plain module under one seed.
+    ``inplace=True`` runs out of place while a graph is recorded (as the lean activations);
+    eval mode, ``p`` of 0 or 1, or no graph: exactly ``nn.Dropout.forward``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and 0 < self.p < 1 and x.numel() and _needs_graph(x)):
+            return super().forward(x)
+        return _Dropout.apply(x, self.p, self.inplace)
+
+
 # ------------------------------------------------------------------ frozen BatchNorm
 class _FrozenAffine(torch.autograd.Function):
     """Eval-mode BatchNorm with frozen affine: forward by ``F.batch_norm`` (bit-identical
@@ -308,18 +368,22 @@ LEAN_OF: dict[type[nn.Module], type[nn.Module]] = {
     nn.ReLU6: LeanReLU6,
     nn.Hardtanh: LeanHardtanh,
     nn.LeakyReLU: LeanLeakyReLU,
+    nn.Dropout: LeanDropout,
 }
 _PLAIN_OF = {lean: plain for plain, lean in LEAN_OF.items()}
 
 
 def make_lean(model: nn.Module, start_name: str | None = None) -> list[str]:
-    """Convert, in place, every plain BatchNorm2d / ReLU / ReLU6 / Hardtanh / LeakyReLU
+    """Convert, in place, every plain BatchNorm2d / ReLU / ReLU6 / Hardtanh / LeakyReLU / Dropout
     module registered at or after ``start_name`` to its lean counterpart.
 
     Order is ``model.named_modules()`` registration order; ``start_name`` is the first
     fine-tuned layer (it and everything registered after it, its own children included,
     are converted); ``None`` converts the whole model. Modules registered before it stay
-    plain even if ``forward`` calls them later. Conversion swaps the module's class only:
+    plain even if ``forward`` calls them later (a ResNet ``BasicBlock``'s one ``relu``, called
+    after the residual add too): ``asi_core.patch`` therefore converts the whole model, which
+    is safe because a lean module is the plain one wherever its input needs no gradient.
+    Conversion swaps the module's class only:
     same object, same Parameters/buffers, same ``state_dict`` keys. Idempotent.
 
     Returns the names of the lean modules in that region (converted now or already lean).

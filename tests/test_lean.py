@@ -10,6 +10,7 @@ from torchvision.models.resnet import BasicBlock
 
 from asi_core.lean import (
     LeanBatchNorm2d,
+    LeanDropout,
     LeanHardtanh,
     LeanLeakyReLU,
     LeanReLU,
@@ -174,6 +175,47 @@ def test_channels_last_and_double_backward(device):
         res.append((gx.detach(), ggx))
     assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
     assert res[1][0].is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------ dropout
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dropout_same_draws_output_and_gradient(device, dtype, inplace, channels_last):
+    x = torch.randn(4, 6, 5, 3, dtype=dtype, device=device)
+    x[0, 0] = 0.0  # kept zeros must still pass their gradient (a mask from y != 0 would not)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    g_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+    g_out = g_out.to(memory_format=torch.channels_last) if channels_last else g_out
+    res = []
+    for cls in (nn.Dropout, LeanDropout):
+        leaf = x.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        if device == "cuda":
+            torch.cuda.manual_seed(7)
+        with SavedTensorMeter() as meter:
+            y = cls(0.3, inplace=inplace).train()(leaf * 1)
+        (gx,) = torch.autograd.grad(y, leaf, g_out)
+        after = torch.rand(3, device=device)  # the RNG advanced by the same draws
+        res.append((y.detach(), gx, after, meter.bytes))
+    (y0, g0, r0, b0), (y1, g1, r1, b1) = res
+    assert torch.equal(y0, y1) and torch.equal(g0, g1) and torch.equal(r0, r1)
+    assert bool((y1 == 0).any()) and bool((g1[0, 0] != 0).any())
+    assert b1 == mask_bytes(x.shape) < b0
+    assert g1.stride() == g0.stride() and y1.stride() == y0.stride()
+
+
+def test_dropout_plain_paths():
+    x = torch.randn(5, 4)
+    assert torch.equal(LeanDropout(0.5).eval()(x.requires_grad_(True)), x)  # eval: identity
+    assert torch.equal(LeanDropout(0.0)(x), x)
+    with torch.no_grad():
+        y = LeanDropout(0.5, inplace=True).train()(x)
+    assert y is x  # no graph: nn.Dropout.forward, in place included
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
+    assert make_lean(model) == ["1"] and type(model[1]) is LeanDropout
 
 
 # --------------------------------------------------------------------- BatchNorm
