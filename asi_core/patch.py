@@ -34,8 +34,9 @@ def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = N
 
     Options: asi -> ``ranks`` (int, one tuple, or one tuple per layer), ``warm_start``, ``seed``;
     hosvd -> ``eps``; gradfilter -> ``radius``. ``lean`` (default: on for every compressing method,
-    off for vanilla) also makes frozen eval-mode BatchNorm and ReLU/ReLU6 from the first patched
-    layer on keep no float activation (lean.py). Returns the patched layers' qualified names.
+    off for vanilla) also makes frozen eval-mode BatchNorm, ReLU/ReLU6 and Dropout keep no float
+    activation (lean.py; the whole model is converted, which changes nothing where no gradient flows).
+    Returns the patched layers' qualified names.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
@@ -59,8 +60,16 @@ def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = N
     if lean is None:
         lean = method != "vanilla"
     if lean:
+        # The whole model, not "from names[0] on in registration order": a module registered before the first
+        # patched layer can still be *called* inside the fine-tuned region (torchvision's BasicBlock calls its one
+        # `self.relu` before and after the residual add, so with layer4.0.conv2 as first patched layer the second
+        # call of layer4.0.relu would save a float tensor). Converting everything is the simplest exact rule: a
+        # lean module records its light graph only when its input needs a gradient and is the plain module
+        # otherwise (same kernels, bit-identical output, ~0.5 us of Python per call), so the frozen part, whose
+        # inputs need no gradient, runs exactly as before. A call-order trace would need a forward pass to decide
+        # what this rule gets for free.
         from .lean import make_lean
-        make_lean(model, names[0])
+        make_lean(model)
     return names
 
 
