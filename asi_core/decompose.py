@@ -59,7 +59,10 @@ def hosvd(x: torch.Tensor, eps: float):
         u, s, _ = torch.linalg.svd(unfold(work, m), full_matrices=False)
         r = eps_rank(s, eps)
         ranks.append(r)
-        factors.append(None if r >= d else u[:, :r].to(x.dtype).contiguous())
+        # A fresh copy: SVD returns u column-major, so for r == 1 the slice u[:, :1] already counts as
+        # contiguous and .contiguous() would keep it as a view holding all of u (d x min(d, b)) alive for
+        # backward: 0.77 MiB instead of 2 KiB for a 512-channel layer.
+        factors.append(None if r >= d else u[:, :r].to(x.dtype, memory_format=torch.contiguous_format, copy=True))
     return project_core(x, factors), factors, tuple(ranks)
 
 
