@@ -80,3 +80,26 @@ def test_setup_a_uses_the_whole_pool_and_test_falls_back_to_val():
     assert len(dm.train_set) + len(dm.val_set) == 1797 and dm.test_set is dm.val_set
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (7, 3, 8, 8) and y.dtype == torch.int64
+
+
+def test_image_folder_datasets_load_real_image_files(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in [("train", 10), ("test", 4)]:
+        for cls in ["001.Black_footed_Albatross", "002.Laysan_Albatross"]:
+            (tmp_path / "cub200" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(
+                    tmp_path / "cub200" / split / cls / f"{i}.jpg")
+    dm = ClassificationData("cub200", root=str(tmp_path), resolution=16, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (16, 4, 8)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 16, 16) and set(y.tolist()) <= {0, 1}
+    x, _ = next(iter(dm.test_dataloader()))
+    assert x.shape == (4, 3, 16, 16)
+    # setup B partitions the ImageFolder pool by its labels without opening the images
+    b = ClassificationData("cub200", root=str(tmp_path), setup="B", half=1, num_shards=2, resolution=16)
+    b.setup("fit")
+    assert sorted(b.partition[0] + b.partition[1]) == list(range(20))
