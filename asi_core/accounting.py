@@ -100,6 +100,10 @@ Other points where we read the paper one way rather than another
   (cheapest order of the mode products) next to ``overhead_flops``. Eq. 11 (HOSVD) likewise leaves
   the core out. Orthogonalising a D_m x r_m matrix by QR really costs about D_m*r_m^2, not r_m^3; we
   keep the paper's r_m^3 so the overhead column stays comparable with the paper.
+- ``asi_core.decompose`` computes a warm step's two spatial products from one H*W x H*W Gram matrix
+  when H*W <= ``SMALL_SPATIAL`` (64; faster on CPU, same result): there the real cost of both spatial
+  modes is B*C*(H*W)^2 + (H^2*r_H + W^2*r_W) multiply-adds instead of eq. 14's 2*prod(D)*(r_H + r_W).
+  ``overhead_flops`` stays eq. 14, the algorithm's cost; above 64 the two agree exactly (tests).
 - Eq. 11 charges max(d, P_d)^2 * min(d, P_d) per mode, the cost of a full SVD with square singular
   vectors; a thin SVD of the d x P_d unfolding (what torch computes) is closer to
   max * min^2. We report eq. 11 as written, which is what the paper's HOSVD columns use: eq. 17 +
