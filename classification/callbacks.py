@@ -70,6 +70,7 @@ class ResourceAccounting(pl.Callback):
 
     def __init__(self):
         self._meter = None
+        self._measure_pending = True  # measured on the first training batch of the fit, then never again
         self._measured: Optional[dict] = None
         self._measured_layers: dict[str, float] = {}
         self._input_requires_grad: Optional[dict[str, bool]] = None
@@ -95,8 +96,10 @@ class ResourceAccounting(pl.Callback):
         self._reset()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._measured is None and self._meter is None and asi_core.patched_layers(self._net(pl_module)):
-            self._meter = ActivationMeter(self._net(pl_module), exclude=[pl_module]).start()
+        if self._measure_pending:
+            self._measure_pending = False
+            if asi_core.patched_layers(self._net(pl_module)):
+                self._meter = ActivationMeter(self._net(pl_module), exclude=[pl_module]).start()
         self._marks = {"start": self._now(pl_module)}
 
     def _stop_meter(self) -> None:
