@@ -53,10 +53,10 @@ class ResourceAccounting(pl.Callback):
     * Analytic activation memory (``activation_mib`` mean, ``activation_mib_peak``) and FLOPs per step
       (``forward_gflops``, ``backward_gflops`` = weight gradient, ``overhead_gflops`` (eq. 11 / 14 /
       pooling), ``core_gflops``, ``input_grad_gflops``, ``train_gflops`` = forward + backward + overhead +
-      core, ``paper_gflops`` = the paper's formulas as written), from every patched layer's ``last_stats``
-      after every training batch (classification/resources.py, asi_core/accounting.py). They are constant
-      for vanilla/gradfilter/asi and vary with the ranks HOSVD_eps picks: means and peak are taken over the
-      epoch's full-size batches (a smaller last batch is left out, so the figures are per batch of
+      core, ``paper_gflops`` = the paper's formulas as written; each also as ``<key>_peak``), from every
+      patched layer's ``last_stats`` after every training batch (classification/resources.py,
+      asi_core/accounting.py). They are constant for vanilla/gradfilter/asi and vary with the ranks HOSVD_eps
+      picks (the paper reports HOSVD's peak): means and peaks are taken over the epoch's full-size batches (a smaller last batch is left out, so the figures are per batch of
       ``batch_size``). ``layers``: the last batch's per-layer reports, with ``memory_mib_mean``/``_peak``.
     * Measured activation memory (``measured_activation_mib``, of it ``measured_mask_mib``; per layer
       ``measured_mib``): once, on the first training batch of the fit, by ``resources.ActivationMeter``
@@ -134,11 +134,11 @@ class ResourceAccounting(pl.Callback):
             return
         tot = totals(reports)
         acc = self._by_batch_size.setdefault(reports[0]["input_shape"][0], {
-            "n": 0, "sums": {}, "peak": 0.0, "layer_sum": {}, "layer_peak": {}})
+            "n": 0, "sums": {}, "peaks": {}, "layer_sum": {}, "layer_peak": {}})
         acc["n"] += 1
         for k, v in tot.items():
             acc["sums"][k] = acc["sums"].get(k, 0.0) + v
-        acc["peak"] = max(acc["peak"], tot["activation_mib"])
+            acc["peaks"][k] = max(acc["peaks"].get(k, v), v)
         for rep in reports:
             name, mib = rep["name"], rep["memory_mib"]
             acc["layer_sum"][name] = acc["layer_sum"].get(name, 0.0) + mib
@@ -155,7 +155,7 @@ class ResourceAccounting(pl.Callback):
         n = acc["n"]
         out = {k: v / n for k, v in acc["sums"].items()}
         out["num_layers"] = int(round(out["num_layers"]))
-        out["activation_mib_peak"] = acc["peak"]
+        out.update({f"{k}_peak": v for k, v in acc["peaks"].items() if k == "activation_mib" or k.endswith("_gflops")})
         out.update(self._measured or {"measured_activation_mib": None, "measured_mask_mib": None,
                                       "measured_layers_mib": None})
         out["timing"] = {k: (statistics.median(v) if v else None) for k, v in self._times.items()}
