@@ -219,3 +219,40 @@ def test_basic_block_relu_called_in_region_is_lean_and_unpatch_restores():
     asi_core.unpatch(model)
     assert OrderedDict((n, type(m)) for n, m in model.named_modules()) == types
     assert list(model.state_dict()) == keys
+
+
+# ------------------------------------------------------- scripts/memory_table.{sh,py}
+def test_memory_table_script_dry_run_and_formatting(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("MODELS", "DEPTHS", "METHODS", "EXTRA_ARGS")}
+    runs = tmp_path / "runs"
+    done = runs / "memory" / "resnet18" / "asi_4.json"
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"activation_mib": 0.02, "measured_mask_mib": 0.5, "measured_activation_mib": 0.65}))
+    proc = subprocess.run(["bash", "scripts/memory_table.sh", "data", str(runs)], cwd=repo, text=True,
+                          capture_output=True, env={**env, "DRY_RUN": "1"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cmds = proc.stdout.splitlines()
+    assert len(cmds) == 39 + 1 and "skip (done)" in proc.stderr  # 4 models x 2 depths x 5 methods, one done
+    assert ("main.py profile --config configs/models/mcunet.yaml --model.method vanilla --model.lean true "
+            "--model.num_finetune 2 --data.batch_size 64 --data.resolution 224") in cmds[1]
+    assert "--model.method asi --model.ranks 2 --model.num_finetune 4" in cmds[-2]
+    assert cmds[-1].endswith(f"scripts/memory_table.py {runs}/memory") and not (runs / "memory" / "mcunet").exists()
+
+    (runs / "memory" / "resnet18" / "vanilla_4.json").write_text(
+        json.dumps({"activation_mib": 30.0, "measured_mask_mib": 0.0, "measured_activation_mib": 65.0}))
+    sys.path.insert(0, str(repo / "scripts"))
+    try:
+        import memory_table
+    finally:
+        sys.path.remove(str(repo / "scripts"))
+    text = memory_table.table(memory_table.load(runs / "memory"))
+    assert "| resnet18 | 4 | vanilla | 30.000 | 0.000 | 65.000 | 2.17 |" in text
+    assert "| resnet18 | 4 | asi r2 | 0.020 | 0.500 | 0.650 | 1.25 |" in text
+    assert text.index("| vanilla |") < text.index("| asi r2 |") and "resnet18 4 layers: 100x" in text
