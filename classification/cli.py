@@ -198,7 +198,8 @@ class ASICLI(LightningCLI):
         else:
             ranks = ASI_DEFAULT_RANKS if m.ranks is None else m.ranks
             exp = cfg.exp_name or ("pretrain" if d.setup == "B" and d.half == 1 else
-                                   default_exp_name(m.method, m.num_finetune, ranks, m.eps, m.radius, m.budget))
+                                   default_exp_name(m.method, m.num_finetune, ranks, m.eps, m.radius, m.budget,
+                                                    m.warm_start))
             kind = m.method
             if self.subcommand == "measure":
                 kind, exp = "measure", cfg.exp_name or measure_exp_name(cfg.measure.num_finetune, d.batch_size,

@@ -16,14 +16,17 @@ METRICS_FILE = "metrics.json"
 
 
 def default_exp_name(method: str, num_finetune: Union[int, str], ranks: Any = None, eps: Any = None,
-                     radius: Any = None, budget: Any = None) -> str:
+                     radius: Any = None, budget: Any = None, warm_start: bool = True) -> str:
     """A readable name saying what differs between runs of one method: ``l2_r4``, ``l4_eps0.8``,
-    ``l4_budgethosvd@0.8`` (asi ranks chosen from a perplexity table under a budget) ..."""
+    ``l4_budgethosvd@0.8`` (asi ranks chosen from a perplexity table under a budget), ``l4_r2_nowarm``
+    (asi without warm start, the paper's Fig. 3 ablation) ..."""
     name = f"l{num_finetune}"
     if method == "asi" and budget is not None:
         name += f"_budget{budget}"
     elif method == "asi":
         name += f"_r{ranks}" if isinstance(ranks, int) else "_r" + "-".join("x".join(map(str, r)) for r in ranks)
+    if method == "asi" and warm_start is False:
+        name += "_nowarm"
     elif method == "hosvd":
         name += f"_eps{eps}"
     elif method == "gradfilter":

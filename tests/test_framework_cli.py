@@ -163,3 +163,14 @@ def test_help_documents_the_model_arguments(run_cli, capsys):
                 "--model.warm_start", "--data.name", "--data.setup", "--data.batch_size", "--data.resolution"]:
         assert arg in out
     assert "explained-variance threshold" in out and "label-skewed" in out
+
+
+def test_default_exp_name_says_what_differs():
+    from classification.rundir import default_exp_name
+    assert default_exp_name("asi", 4, 2) == "l4_r2"
+    assert default_exp_name("asi", 4, 2, warm_start=False) == "l4_r2_nowarm"
+    assert default_exp_name("asi", 2, None, budget="hosvd@0.8") == "l2_budgethosvd@0.8"
+    assert default_exp_name("asi", 2, [(2, 4, 3, 3), (1, 2, 3, 3)]) == "l2_r2x4x3x3-1x2x3x3"
+    assert default_exp_name("hosvd", "all", eps=0.8) == "lall_eps0.8"
+    assert default_exp_name("gradfilter", 2, radius=4) == "l2_R4"
+    assert default_exp_name("vanilla", 4, warm_start=False) == "l4"
