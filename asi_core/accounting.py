@@ -120,6 +120,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+from .decompose import clip_ranks as _clip
+
 __all__ = [
     "ConvGeometry", "LinearGeometry", "geometry_from_layer",
     "clip_ranks", "tucker_elements", "gradfilter_positions", "activation_elements", "to_mib",
@@ -265,8 +267,8 @@ def geometry_from_layer(layer, input_shape=None, output_shape=None) -> Geometry:
 
 def clip_ranks(dims: Sequence[int], ranks: RanksLike) -> tuple[int, ...]:
     """Ranks actually used for a tensor of shape ``dims``: an int applies to every mode, None
-    keeps a mode whole, and each rank is clipped to min(D_m, prod(D)/D_m) (what the mode-m
-    unfolding can hold), as ``asi_core.decompose.clip_ranks`` does."""
+    keeps a mode whole, and each rank is clipped as ``asi_core.decompose.clip_ranks`` clips it
+    (to min(D_m, prod(D)/D_m), what the mode-m unfolding can hold)."""
     if ranks is None:
         raise ValueError("ranks are required for hosvd/asi (e.g. wrapper.last_stats['ranks'])")
     if isinstance(ranks, int):
@@ -274,16 +276,9 @@ def clip_ranks(dims: Sequence[int], ranks: RanksLike) -> tuple[int, ...]:
     ranks = tuple(ranks)
     if len(ranks) != len(dims):
         raise ValueError(f"{len(ranks)} ranks given for a {len(dims)}-mode input of shape {tuple(dims)}")
-    total = math.prod(dims)
-    out = []
-    for r, d in zip(ranks, dims):
-        if r is None:
-            out.append(d)
-            continue
-        if int(r) < 1:
-            raise ValueError(f"ranks must be >= 1, got {ranks}")
-        out.append(max(1, min(int(r), d, total // d)))
-    return tuple(out)
+    if any(r is not None and int(r) < 1 for r in ranks):
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    return _clip(dims, [d if r is None else int(r) for r, d in zip(ranks, dims)])
 
 
 def _whole(dims, ranks) -> list[bool]:
