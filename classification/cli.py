@@ -32,7 +32,9 @@ parameter typed as a list takes the words before the first option (``report runs
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, List, Literal, Optional, Union
 
@@ -386,8 +388,22 @@ def _leading_words_as_list(fn: Callable, args: list[str]) -> list[str]:
     return args
 
 
+class _DropNoise(logging.Filter):
+    """Lightning 2.6 advertises a cloud logger at every fit; the console is for the run's own messages."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_third_party() -> None:
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropNoise())
+    # torch 2.14 deprecates an isinstance check that Lightning 2.6's _pytree still makes (harmless)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def cli_main(args: Optional[list[str]] = None, cli_class: type[ASICLI] = ASICLI):
     """Entry point of main.py; ``args`` lets tests run the CLI in-process."""
+    _quiet_third_party()
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in STANDALONE_COMMANDS:
         from jsonargparse import CLI
