@@ -8,7 +8,7 @@
 #   4. the Table-1-style report (printed, and $RUN_ROOT/report.csv) and the Pareto PNGs next to it
 #
 #   bash scripts/demo.sh [RUN_ROOT]        (default runs/demo; DRY_RUN=1 prints the commands)
-#   DEMO_RESOLUTION=64 DEMO_BATCH=32 DEMO_PRETRAIN_EPOCHS=15 DEMO_EPOCHS=8 override the defaults.
+#   DEMO_RESOLUTION=96 DEMO_BATCH=64 DEMO_PRETRAIN_EPOCHS=15 DEMO_EPOCHS=10 DEMO_THREADS=1 override the defaults.
 #
 # Expected runtime: 8-12 minutes on a 2-core CPU (plus `make setup` on a fresh machine). Runs that finished are
 # skipped, so an interrupted demo resumes; remove $RUN_ROOT to start over.
@@ -17,16 +17,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh" data "$RUN_ROOT"
 
 case "$RUN_ROOT" in /*) CKPT_ROOT="$RUN_ROOT" ;; *) CKPT_ROOT="$REPO/$RUN_ROOT" ;; esac
 export ASI_CKPT_DIR="$CKPT_ROOT/ckpts"   # the demo's pretraining checkpoint stays inside the demo folder
-RES="${DEMO_RESOLUTION:-64}"
-BATCH="${DEMO_BATCH:-32}"
+# One intra-op thread by default: on a 2-core machine with anything else running, OpenMP threads spinning
+# against each other made an MCUNet step 20-30x slower; one thread is predictable (DEMO_THREADS=2 to try).
+export OMP_NUM_THREADS="${DEMO_THREADS:-1}"
+RES="${DEMO_RESOLUTION:-96}"
+BATCH="${DEMO_BATCH:-64}"
 PRE_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-15}"
-EPOCHS="${DEMO_EPOCHS:-8}"
-QUIET=(--trainer.enable_progress_bar false --trainer.enable_model_summary false)
+EPOCHS="${DEMO_EPOCHS:-10}"
+QUIET=(--trainer.enable_model_summary false)
 DATA=(--config configs/models/mcunet.yaml --config configs/data/digits.yaml --data.resolution "$RES"
       --data.batch_size "$BATCH" --run_root "$RUN_ROOT")
 # The digits recipe: a few epochs of setup B fine-tuning (SGD, momentum 0.9, cosine), one warm-up epoch.
 EXTRA=(--data.resolution "$RES" --data.batch_size "$BATCH" --trainer.max_epochs "$EPOCHS" --model.warmup_epochs 1
-       --model.lr 0.05 "${QUIET[@]}" "${EXTRA[@]}")
+       --model.lr 0.1 "${QUIET[@]}" "${EXTRA[@]}")
 START=$SECONDS
 step() { echo; echo "=== [$1/4] $2 ($((SECONDS - START)) s so far)" >&2; }
 
