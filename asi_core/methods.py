@@ -10,6 +10,7 @@ gradient is formed. Two autograd Functions serve all methods and both layer type
 """
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 from functools import partial
@@ -70,7 +71,7 @@ class GradFilterFn(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=abc.ABCMeta):
     """Base class. Subclasses set ``name`` and ``option_names`` and implement ``train_forward``."""
 
     name = ""
@@ -92,8 +93,9 @@ class Method(nn.Module):
     def options(self) -> dict[str, Any]:
         return {}
 
+    @abc.abstractmethod
     def train_forward(self, layer, x):
-        raise NotImplementedError  # abstract: every registered method overrides it
+        """The layer's training forward, ``layer`` being the wrapper (its weight, bias and ``ops``)."""
 
     def _record(self, layer, x, y, ranks, stored):
         layer.last_stats = {"method": self.name, "input_shape": tuple(x.shape), "output_shape": tuple(y.shape),

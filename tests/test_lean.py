@@ -129,8 +129,8 @@ ACTIVATIONS = [
 @pytest.mark.parametrize("plain_cls,lean_cls,kw", ACTIVATIONS)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_activation_bitwise_equal_to_autograd(device, dtype, plain_cls, lean_cls, kw, inplace):
-    if plain_cls is nn.LeakyReLU and dtype in (torch.float16, torch.bfloat16):
-        pytest.skip("grad * slope rounding of half types is kernel-specific")
+    # grad * slope in a half type is rounded differently by the two kernels: equal to rounding there
+    bitwise = not (plain_cls is nn.LeakyReLU and dtype in (torch.float16, torch.bfloat16))
     g = torch.Generator().manual_seed(0)
     special = torch.tensor(SPECIAL)
     if issubclass(plain_cls, nn.Hardtanh):  # PyTorch's own CPU kernel disagrees with itself
@@ -146,7 +146,11 @@ def test_activation_bitwise_equal_to_autograd(device, dtype, plain_cls, lean_cls
     (y_plain, g_plain), (y_lean, g_lean) = results
     assert torch.equal(y_plain.isnan(), y_lean.isnan())
     assert torch.equal(y_plain.nan_to_num(), y_lean.nan_to_num())
-    assert torch.equal(g_plain, g_lean)  # bit for bit, boundaries 0 / 6 / ±1 / ±inf included
+    if bitwise:
+        assert torch.equal(g_plain, g_lean)  # bit for bit, boundaries 0 / 6 / ±1 / ±inf included
+    else:
+        assert torch.equal(g_plain == 0, g_lean == 0)  # the mask itself is exact
+        torch.testing.assert_close(g_lean, g_plain, rtol=1e-2, atol=1e-2, equal_nan=True)
 
 
 def test_activation_boundaries_explicit():
