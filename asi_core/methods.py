@@ -31,9 +31,29 @@ def register_method(cls):
     return cls
 
 
+def _autocast_inputs(ctx, x, weight, bias):
+    """Mixed precision (torch.autocast, Lightning's "16-mixed"/"bf16-mixed"): a custom Function is not
+    cast by autocast, so do what autocast does to the plain conv/linear: compute in the autocast dtype.
+    The original dtypes are kept so that backward hands each gradient back in its input's dtype."""
+    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return x, weight, bias
+
+
+def _grads_in_input_dtypes(ctx, gx, gw, gb):
+    x_dtype, w_dtype, b_dtype = ctx.dtypes
+    return (None if gx is None else gx.to(x_dtype), None if gw is None else gw.to(w_dtype),
+            None if gb is None else gb.to(b_dtype))
+
+
 class LowRankFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, ops, compress):
+        x, weight, bias = _autocast_inputs(ctx, x, weight, bias)
         y = ops.forward(x, weight, bias)
         core, factors = compress(x)
         ctx.ops, ctx.x_shape, ctx.n_factors = ops, x.shape, len(factors)
@@ -44,16 +64,17 @@ class LowRankFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, core, *factors = ctx.saved_tensors
         ops = ctx.ops
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.to(weight.dtype).contiguous()
         gx = ops.input_grad(grad_out, weight, ctx.x_shape) if ctx.needs_input_grad[0] else None
         gw = ops.weight_grad(core, factors, grad_out, weight.shape) if ctx.needs_input_grad[1] else None
         gb = ops.bias_grad(grad_out) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None
+        return (*_grads_in_input_dtypes(ctx, gx, gw, gb), None, None)
 
 
 class GradFilterFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, ops, radius):
+        x, weight, bias = _autocast_inputs(ctx, x, weight, bias)
         y = ops.forward(x, weight, bias)
         x_bar = ops.filter_input(x, radius)
         ctx.ops, ctx.radius, ctx.x_shape = ops, radius, x.shape
@@ -64,11 +85,11 @@ class GradFilterFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, x_bar = ctx.saved_tensors
         ops = ctx.ops
-        g_bar, g_tilde = ops.filter_grad(grad_out.contiguous(), ctx.radius)
+        g_bar, g_tilde = ops.filter_grad(grad_out.to(weight.dtype).contiguous(), ctx.radius)
         gx = ops.input_grad(g_tilde.contiguous(), weight, ctx.x_shape) if ctx.needs_input_grad[0] else None
         gw = ops.filter_weight_grad(x_bar, g_bar, weight.shape) if ctx.needs_input_grad[1] else None
         gb = ops.bias_grad(grad_out) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None
+        return (*_grads_in_input_dtypes(ctx, gx, gw, gb), None, None)
 
 
 class Method(nn.Module, metaclass=abc.ABCMeta):

@@ -578,3 +578,28 @@ def test_batch_mode_cold_restart_when_batch_size_changes():
     assert f2[0].shape == (5, 2)
     a = unfold(small, 1)
     torch.testing.assert_close(f2[1], orthonormalize(a @ (a.t() @ f[1])))
+
+
+@pytest.mark.parametrize("method,options", [("asi", dict(ranks=1000)), ("hosvd", dict(eps=1.0)),
+                                            ("gradfilter", dict(radius=1)), ("vanilla", {})])
+def test_mixed_precision_autocast_matches_plain_autocast(method, options):
+    """Under torch.autocast (Lightning's bf16-mixed) a patched layer computes in the autocast dtype,
+    as the plain conv does, and returns gradients in the parameters' own dtype (float32)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 1)
+    x = torch.randn(3, 4, 5, 5)
+    plain, patched = nn.Sequential(copy.deepcopy(conv)), nn.Sequential(copy.deepcopy(conv))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        asi_core.patch(patched, method, num_finetune=1, lean=False, **options)
+    grads = []
+    for net in (plain, patched):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(xi)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        assert net[0].weight.grad.dtype == torch.float32 and xi.grad.dtype == torch.float32
+        grads.append((xi.grad, net[0].weight.grad, net[0].bias.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
