@@ -509,8 +509,9 @@ class SavedTensorMeter:
                 nbytes = storage_nbytes
                 self._storages[key] = (nbytes, [weakref.ref(saved)])
                 self.bytes += nbytes
-        self.records.append(
-            {"shape": tuple(t.shape), "dtype": t.dtype, "nbytes": nbytes, "excluded": excluded}
+        self.records.append(  # storage / storage_nbytes: to sum bytes per region, each storage once
+            {"shape": tuple(t.shape), "dtype": t.dtype, "nbytes": nbytes, "excluded": excluded,
+             "storage": key, "storage_nbytes": storage_nbytes}
         )
         return saved
 

@@ -31,27 +31,13 @@ from torch import nn
 
 import asi_core
 from asi_core import accounting
-from asi_core.lean import SavedTensorMeter, _storage_key, _storage_nbytes
+from asi_core.lean import SavedTensorMeter
 
 __all__ = ["ActivationMeter", "layer_reports", "totals", "resource_summary", "profile_step", "profile_report",
            "MASK_DTYPES"]
 
 MIB = accounting.MIB
 MASK_DTYPES = (torch.uint8, torch.bool)  # what lean.py's bit masks and dropout masks are saved as
-
-
-class _StorageMeter(SavedTensorMeter):
-    """A SavedTensorMeter whose records also name their storage, so that the bytes saved inside one
-    layer's forward can be summed (each storage once) apart from the global count."""
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        saved = super()._pack(t)
-        try:
-            key, nbytes = _storage_key(t), _storage_nbytes(t)
-        except (RuntimeError, NotImplementedError):  # as SavedTensorMeter: no plain storage
-            key, nbytes = ("tensor", id(saved)), t.numel() * t.element_size()
-        self.records[-1].update(storage=key, storage_nbytes=nbytes)
-        return saved
 
 
 class ActivationMeter:
@@ -72,7 +58,7 @@ class ActivationMeter:
         if not self.layers:
             raise ValueError("ActivationMeter: the model has no fine-tuned layers; call asi_core.patch(model, ...) "
                              "first (the meter counts from the first patched layer on)")
-        self._meter = _StorageMeter(exclude=[net, *exclude])
+        self._meter = SavedTensorMeter(exclude=[net, *exclude])
         self._handles: list = []
         self._marks: dict[str, int] = {}
         self.running = False   # saved-tensor hooks active
