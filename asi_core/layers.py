@@ -55,8 +55,18 @@ class CompressedLayer:
     def _compressing(self) -> bool:
         return self.training and torch.is_grad_enabled() and self.weight.requires_grad
 
+    def forward(self, x):
+        if not self._compressing():
+            return self.plain_forward(x)
+        if x.dim() not in self.input_dims:
+            raise ValueError(f"layer {self.layer_name!r}: expected a {self.input_doc} input, "
+                             f"got shape {tuple(x.shape)}")
+        return self.method.train_forward(self, x)
 
-class CompressedConv2d(CompressedLayer, nn.Conv2d):
+
+class CompressedConv2d(CompressedLayer, nn.Conv2d):  # CompressedLayer first: its forward wins
+    input_dims, input_doc = (4,), "4-D (B, C, H, W)"
+
     def __init__(self, conv: nn.Conv2d, method: Method, name: str):
         self._adopt(conv, _CONV_ATTRS, method, name)
         self.ops = ConvOps(conv)
@@ -64,29 +74,14 @@ class CompressedConv2d(CompressedLayer, nn.Conv2d):
     def plain_forward(self, x):
         return nn.Conv2d.forward(self, x)
 
-    def forward(self, x):
-        if not self._compressing():
-            return self.plain_forward(x)
-        if x.dim() != 4:
-            raise ValueError(f"layer {self.layer_name!r}: expected a 4-D (B, C, H, W) input, "
-                             f"got shape {tuple(x.shape)}")
-        return self.method.train_forward(self, x)
-
-
 
 class CompressedLinear(CompressedLayer, nn.Linear):
+    input_dims, input_doc = (2, 3), "2-D (N, D) or 3-D (B, T, D)"
+
     def __init__(self, linear: nn.Linear, method: Method, name: str):
         self._adopt(linear, ("in_features", "out_features"), method, name)
         self.ops = LinearOps(linear)
 
     def plain_forward(self, x):
         return nn.Linear.forward(self, x)
-
-    def forward(self, x):
-        if not self._compressing():
-            return self.plain_forward(x)
-        if x.dim() not in (2, 3):
-            raise ValueError(f"layer {self.layer_name!r}: expected a 2-D (N, D) or 3-D (B, T, D) input, "
-                             f"got shape {tuple(x.shape)}")
-        return self.method.train_forward(self, x)
 
