@@ -154,6 +154,19 @@ class GradFilter(Method):
             raise ValueError(f"layer {layer_name!r}: gradfilter radius must be an integer >= 1, got {radius!r}")
         self.radius = radius
 
+    @classmethod
+    def per_layer_options(cls, names, options):
+        radius = options.get("radius")
+        if not isinstance(radius, (list, tuple)):
+            return super().per_layer_options(names, options)
+        if len(radius) != len(names):  # one radius per layer (the authors' segmentation configs)
+            raise ValueError(f"gradfilter: got {len(radius)} radii for {len(names)} patched layers ({names}); "
+                             f"give one int, or one radius per layer in layer order")
+        per_layer = super().per_layer_options(names, {**options, "radius": None})
+        for opts, r in zip(per_layer, radius):
+            opts["radius"] = r
+        return per_layer
+
     def options(self):
         return {"radius": self.radius}
 

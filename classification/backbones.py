@@ -129,6 +129,8 @@ class ModelSpec:
     resolution: int                   # native ImageNet resolution (informative)
     layer_type: str = "conv"          # what --model.num_finetune counts by default (asi_core.patch's layer_type)
     include: Optional[str] = None     # default name filter of those layers (asi_core.patch's include), e.g. "mlp"
+    task: str = "classification"      # "segmentation": (B, K, H, W) logits, pixel labels (segmentation/)
+    create: Optional[Callable[[int], nn.Module]] = None  # builds the network for num_classes (replaces builder+head)
 
 
 def _tv(fn_name: str) -> Callable[[], nn.Module]:
@@ -152,6 +154,18 @@ MODELS: dict[str, ModelSpec] = {
                           "https://download.pytorch.org/models/resnet34-b627a593.pth",
                           "resnet34-b627a593.pth", 224),
 }
+
+
+def _register_segmentation() -> None:
+    """The segmentation networks of the paper's Table 3 (segmentation/models.py): no ImageNet head to replace,
+    they start from an mmseg checkpoint (--model.checkpoint) or random weights."""
+    from segmentation.models import BUILDERS
+
+    for name, build in BUILDERS.items():
+        MODELS[name] = ModelSpec(build, "decode_head.conv_seg", "", "", 512, task="segmentation", create=build)
+
+
+_register_segmentation()
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -219,6 +233,13 @@ def create_model(name: str, num_classes: int, pretrained: bool = True) -> nn.Mod
     before the head is replaced; it raises rather than fall back to random weights.
     """
     spec = get_spec(name)
+    if spec.create is not None:
+        if pretrained:
+            raise FileNotFoundError(
+                f"model {name!r} has no published ImageNet weights to load: start it from the authors' "
+                f"Cityscapes-calibrated checkpoint with --model.checkpoint (scripts/download_ckpts.sh, README "
+                f"'Segmentation'), or pass --model.pretrained false to train from random weights on purpose")
+        return spec.create(num_classes)
     model = spec.builder()
     if pretrained:
         load_imagenet_weights(name, model)

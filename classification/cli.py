@@ -174,6 +174,12 @@ class ASICLI(LightningCLI):
             if value not in choices:
                 self._parser(self.subcommand).error(
                     f"Unknown {what} {value!r}; valid choices: {', '.join(choices)}")
+        model_task, data_task = MODELS[cfg.model.backbone].task, DATASETS[cfg.data.name].task
+        if model_task != data_task:
+            same = [n for n, s in DATASETS.items() if s.task == model_task]
+            self._parser(self.subcommand).error(
+                f"--model.backbone {cfg.model.backbone} is a {model_task} model but --data.name {cfg.data.name} is a "
+                f"{data_task} dataset; choose one of {', '.join(same)} (or a {data_task} model)")
 
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
@@ -222,7 +228,8 @@ class ASICLI(LightningCLI):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if tcfg.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(dirpath=str(self.run_dir / "checkpoints"), filename="best",
-                                             monitor="val/acc", mode="max", save_last=True,
+                                             monitor=getattr(self.model, "monitor", "val/acc"), mode="max",
+                                             save_last=True,
                                              enable_version_counter=False))
         if tcfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar())
@@ -338,12 +345,14 @@ class ASICLI(LightningCLI):
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "total_params": sum(p.numel() for p in self.model.parameters()),
         }
-        if "val/acc" in cm:
-            out["val_acc"] = float(cm["val/acc"])
+        monitor = getattr(self.model, "monitor", "val/acc")  # val/acc, or val/miou for segmentation
+        for key in ("val/acc", "val/miou", "val/macc", "val/aacc"):
+            if key in cm:
+                out[key.replace("/", "_")] = float(cm[key])
         if ck is not None:
             out["best_ckpt"], out["last_ckpt"] = ck.best_model_path, ck.last_model_path
             if ck.best_model_score is not None:
-                out["best_val_acc"] = float(ck.best_model_score)
+                out["best_" + monitor.replace("/", "_")] = float(ck.best_model_score)
         cfg = self._section()
         if cfg.data.setup == "B" and cfg.data.half == 1:
             out["exported_ckpt"] = str(self._export_pretrained(ck))

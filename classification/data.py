@@ -77,6 +77,9 @@ class DatasetSpec:
     num_classes: int
     build: Callable  # (root: Path, download: bool) -> (train pool, official test set or None)
     how_to_obtain: str
+    task: str = "classification"  # "segmentation": (image, (H, W) label map) samples, its own splits
+    make_sets: Optional[Callable] = None  # (root, resolution, seed) -> (train, val, test); replaces build + splits
+    eval_batch_size: Optional[int] = None  # val/test batch size when images differ in size (VOC: 1, as mmseg)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -108,6 +111,19 @@ DATASETS: dict[str, DatasetSpec] = {
         "ImageNet-1k (ILSVRC2012, https://image-net.org/download) in ImageFolder layout: "
         "<root>/imagenet/train/<wnid>/*.JPEG and <root>/imagenet/val/<wnid>/*.JPEG"),
 }
+
+
+def _register_segmentation() -> None:
+    from segmentation import data as seg
+
+    DATASETS["voc12aug"] = DatasetSpec(21, None, seg.VOC_HOW_TO, "segmentation", seg.voc12aug_sets, 1)
+    DATASETS["cityscapes"] = DatasetSpec(19, None, seg.CITYSCAPES_HOW_TO, "segmentation", seg.cityscapes_sets, 1)
+    DATASETS["digit_scenes"] = DatasetSpec(seg.DigitScenes.NUM_CLASSES, None,
+                                           "bundled: composed from scikit-learn's digits; nothing to download",
+                                           "segmentation", seg.digit_scenes_sets)
+
+
+_register_segmentation()
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
@@ -270,11 +286,16 @@ class ClassificationData(pl.LightningDataModule):
             ) from err
 
     def prepare_data(self):
-        if self.download and self.name != "digits":
+        if self.download and self.name != "digits" and self.spec.make_sets is None:
             self._build_pool()  # downloads once, on one process per node
 
     def setup(self, stage: Optional[str] = None):
         if self._built:
+            return
+        if self.spec.make_sets is not None:  # segmentation: the dataset's own train/val split and pipeline
+            self.train_set, self.val_set, self.test_set = self.spec.make_sets(self.root, self.resolution,
+                                                                              self.split_seed)
+            self._built = True
             return
         pool, test = self._build_pool()
         targets = dataset_targets(pool)
@@ -300,7 +321,8 @@ class ClassificationData(pl.LightningDataModule):
         self._built = True
 
     def _loader(self, ds, shuffle: bool):
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        batch_size = self.batch_size if shuffle or self.spec.eval_batch_size is None else self.spec.eval_batch_size
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
                           drop_last=False)
 

@@ -115,7 +115,7 @@ def finetune_candidates(net: nn.Module, num_finetune: Union[int, str], layer_typ
 
 def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], perplexity_file: str,
                  budget: Union[float, str], input_shape: Optional[List[int]] = None, layer_type: str = "conv",
-                 include=None) -> dict:
+                 include=None, layers: Optional[List[str]] = None) -> dict:
     """ASI ranks for the last ``num_finetune`` fine-tuned layers of ``net`` (``layer_type``, ``include``) from a
     perplexity table under ``budget``.
 
@@ -124,7 +124,7 @@ def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], p
     result (budget_mib, per layer name/eps/ranks/memory_mib/perplexity, totals) plus the request and the
     table's provenance: what metrics.json["rank_selection"] holds.
     """
-    names = finetune_candidates(net, num_finetune, layer_type, include)
+    names = layers if layers is not None else finetune_candidates(net, num_finetune, layer_type, include)
     try:
         table = ranks_lib.load_table(perplexity_file)
         ranks_lib.check_table_matches(table, model_name=backbone, layer_names=names, input_shape=input_shape)
@@ -137,6 +137,23 @@ def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], p
     return {"perplexity_file": str(perplexity_file), "budget": budget, **chosen,
             "table": {k: table[k] for k in ("model", "dataset", "input_shape", "batch_size", "epsilons",
                                            "num_batches")}}
+
+
+def check_layer_names(net: nn.Module, names: List[str], layer_type: str = "conv") -> List[str]:
+    """``names`` (--model.layers) in the network's registration order; a name that is not one of its ``layer_type``
+    layers -> ValueError with the nearest names (difflib)."""
+    import difflib
+
+    candidates = asi_core.candidate_layers(net, layer_type)
+    if not names:
+        raise ValueError("--model.layers is empty: name at least one layer, or leave it unset")
+    for name in names:
+        if name not in candidates:
+            near = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+            raise ValueError(f"--model.layers: {name!r} is not a {layer_type} layer of this model; nearest names: "
+                             f"{near or candidates[-5:]}")
+    order = {n: i for i, n in enumerate(candidates)}
+    return sorted(set(names), key=order.__getitem__)
 
 
 def ranks_option(ranks):
@@ -161,6 +178,7 @@ class ClassificationModel(pl.LightningModule):
         num_finetune: Union[int, Literal["all"]] = 2,
         layer_type: Optional[Literal["conv", "linear"]] = None,
         include: Optional[Union[str, List[str]]] = None,
+        layers: Optional[List[str]] = None,
         ranks: Optional[Union[int, List[int], List[List[int]]]] = None,
         perplexity_file: Optional[str] = None,
         budget: Optional[Union[float, str]] = None,
@@ -191,6 +209,10 @@ class ClassificationModel(pl.LightningModule):
                 "all". Everything registered before the first of them is frozen.
             layer_type: What num_finetune counts: "conv" (nn.Conv2d) or "linear" (nn.Linear). Default: the
                 backbone's (conv for the CNNs, linear for the transformers).
+            layers: Train exactly these layers (qualified names of --model.layer_type layers) instead of the last
+                --model.num_finetune; everything registered before the first of them is frozen. For the segmentation
+                networks, --model.num_finetune 5 or 10 selects the authors' explicit lists (segmentation/layer_sets.py)
+                with their freeze rules and, for gradfilter, their per-layer radii.
             include: Only layers whose qualified name matches: a regex searched in the name ("mlp") or a glob
                 ("*.mlp.*"), or a list of them. Default: the backbone's ("mlp" for the transformers, as the paper
                 counts their #Layers; none for the CNNs).
@@ -225,32 +247,59 @@ class ClassificationModel(pl.LightningModule):
         spec = get_spec(backbone)
         self.layer_type = layer_type or spec.layer_type
         self.include = include if include is not None else spec.include
+        self.task = spec.task
         self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None)
         if checkpoint is not None:
             load_checkpoint_weights(self.net, checkpoint, spec.head)
         options = {k: getattr(self.hparams, k) for k in METHOD_OPTIONS.get(method, ())}
+        # the paper's explicit layer sets (segmentation "5L"/"10L"), or --model.layers
+        from segmentation.layer_sets import apply_freeze_rules, layer_set
+
+        authors = layer_set(backbone, num_finetune) if layers is None else None
+        chosen = layers if layers is not None else (authors["layers"] if authors else None)
+        if chosen is not None:
+            chosen = check_layer_names(self.net, list(chosen), self.layer_type)
+        if authors is not None and method == "gradfilter":  # Table 3's per-layer radii, in patch's layer order
+            radius_of = dict(zip(authors["layers"], authors["radii"]))
+            options["radius"] = [radius_of[n] for n in chosen]
         self.rank_selection: Optional[dict] = None  # set when ranks come from a perplexity file
         _check_rank_arguments(method, ranks, perplexity_file, budget)
         if perplexity_file is not None:
             self.rank_selection = select_ranks(self.net, backbone, num_finetune, perplexity_file, budget, input_shape,
-                                               self.layer_type, self.include)
+                                               self.layer_type, self.include, layers=chosen)
             options["ranks"] = [tuple(layer["ranks"]) for layer in self.rank_selection["layers"]]
         elif "ranks" in options:
             options["ranks"] = ranks_option(ranks)
-        self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean,
-                                      layer_type=self.layer_type, include=self.include, **options)
+        self.patched = asi_core.patch(self.net, method, num_finetune=None if chosen else num_finetune, layers=chosen,
+                                      lean=lean, layer_type=self.layer_type, include=self.include, **options)
+        if authors is not None:  # the authors' freeze_layers: some layers train uncompressed (e.g. conv_seg)
+            apply_freeze_rules(self.net, authors["freeze"])
         if set_bn_eval:
             for m in self.net.modules():
                 if isinstance(m, _BN):
                     for p in m.parameters():
                         p.requires_grad_(False)
         self.train(self.training)
+        self.monitor = "val/acc"  # what ModelCheckpoint keeps the best of
+        if self.task == "segmentation":  # pixel labels: mmseg's loss and mIoU/mAcc (segmentation/)
+            from segmentation.loss import PixelCrossEntropy
+            from segmentation.metrics import SegmentationScores
+
+            self.criterion = PixelCrossEntropy()
+            self.train_acc = None
+            self.val_acc, self.test_acc = SegmentationScores(num_classes), SegmentationScores(num_classes)
+            self.monitor = "val/miou"
+            return
         # top-1 accuracy over samples, as the paper reports (torchmetrics' default would be macro)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.criterion = nn.CrossEntropyLoss()
 
+    def random_targets(self, batch_size: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
+        """Random labels for a (batch_size, 3, resolution, resolution) input (profile, benchmark)."""
+        shape = (batch_size, resolution, resolution) if self.task == "segmentation" else (batch_size,)
+        return torch.randint(0, self.hparams.num_classes, shape, generator=generator)
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True):
         """``set_bn_eval``: BatchNorm stays in eval mode whenever the module is switched to training."""
@@ -274,6 +323,8 @@ class ClassificationModel(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _step(self, batch, stage: str, metric):
+        if self.task == "segmentation":
+            return self._segmentation_step(batch, stage, metric)
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
@@ -283,6 +334,33 @@ class ClassificationModel(pl.LightningModule):
                  batch_size=len(y))
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
+
+    def _segmentation_step(self, batch, stage: str, scores):
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)  # resizes the logits to the label map when they differ (VOC val)
+        if scores is not None:
+            if logits.shape[-2:] != y.shape[-2:]:
+                logits = torch.nn.functional.interpolate(logits, size=y.shape[-2:], mode="bilinear",
+                                                         align_corners=False)
+            scores.update(logits.argmax(1), y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step,
+                 batch_size=len(y))
+        return loss
+
+    def _log_segmentation_scores(self, stage: str, scores) -> None:
+        if self.task != "segmentation" or scores.update_count == 0:
+            return
+        for k, v in scores.scores().items():  # mIoU, mAcc, aAcc in percent, over the whole evaluation set
+            self.log(f"{stage}/{k}", v, prog_bar=k == "miou", sync_dist=False)
+        scores.reset()
+
+    def on_validation_epoch_end(self):
+        self._log_segmentation_scores("val", self.val_acc)
+
+    def on_test_epoch_end(self):
+        self._log_segmentation_scores("test", self.test_acc)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train", self.train_acc)
