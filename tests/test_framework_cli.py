@@ -24,6 +24,11 @@ def instantiate(*args, tmp_path: Path):
 def compose(cfg: str) -> list[str]:
     """Put a shipped config together with what it needs to make a digits run (recipes come first)."""
     kind = cfg.split("/")[1]
+    seg_model = ["--config", "configs/segmentation/pspnet_mv2.yaml"]  # (voc12aug: not loaded at instantiation)
+    if kind == "segmentation" or cfg == "configs/recipes/segmentation.yaml":
+        return ["--config", cfg] + (seg_model if kind == "recipes" else [])
+    if kind == "data" and cfg.split("/")[-1] in ("voc12aug.yaml", "cityscapes.yaml", "digit_scenes.yaml"):
+        return seg_model + ["--config", cfg]
     if kind == "recipes":
         return ["--config", cfg] + BASE
     if kind == "models":
@@ -35,7 +40,7 @@ def compose(cfg: str) -> list[str]:
 
 def test_every_shipped_config_is_tested():
     kinds = {c.split("/")[1] for c in CONFIGS}
-    assert kinds == {"models", "data", "methods", "recipes"}
+    assert kinds == {"models", "data", "methods", "recipes", "segmentation"}
     assert len(CONFIGS) >= 4 + 7 + 4 + 3
 
 
@@ -61,6 +66,11 @@ def test_shipped_config_parses_and_instantiates(cfg, tmp_path, ckpts, monkeypatc
     for key, value in declared.get("trainer", {}).items():
         assert cli.config.trainer[key] == value, key
     assert cli.model.hparams.num_classes == num_classes_of(cli.datamodule.name)
+    if cli.model.task == "segmentation":  # pixel logits; "5" = the authors' 5L list (PSPNet-M: one layer)
+        with torch.no_grad():
+            assert cli.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, cli.model.hparams.num_classes, 32, 32)
+        assert cli.model.patched == ["decode_head.bottleneck.conv"] or cli.model.hparams.backbone != "pspnet_mv2"
+        return
     with torch.no_grad():
         assert cli.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, cli.model.hparams.num_classes)
     assert len(cli.model.patched) in (cli.model.hparams.num_finetune, 42)  # 42: num_finetune "all" on MCUNet
