@@ -42,7 +42,7 @@ METHOD_ORDER = ("vanilla", "gradfilter", "hosvd", "asi")
 CSV_COLUMNS = ("method", "num_finetune", "accuracy", "activation_mib", "gflops",
                "setup", "model", "dataset", "label", "final_accuracy", "best_accuracy", "accuracy_source",
                "gflops_source", "mem_peak", "gflops_peak", "measured_activation_mib", "train_gflops", "paper_gflops", "forward_gflops",
-               "backward_gflops", "overhead_gflops", "runs", "run_dir")
+               "backward_gflops", "overhead_gflops", "runs", "run_dir", "task", "macc")
 MISSING = "–"
 PathLike = Union[str, Path]
 
@@ -143,7 +143,11 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     paper, paper_peak = resource("paper_gflops")
     gflops, gflops_peak = (train, train_peak) if flops == "train" else (paper, paper_peak)
     final, best = _num(data.get("val_acc")), _num(data.get("best_val_acc"))
+    segmentation = "val_miou" in data or "best_val_miou" in data  # mIoU/mAcc in percent (segmentation/metrics.py)
+    if segmentation:
+        final, best = (None if _num(data.get(k)) is None else _num(data[k]) / 100 for k in ("val_miou", "best_val_miou"))
     return {
+        "task": "segmentation" if segmentation else "classification", "macc": _num(data.get("val_macc")),
         "setup": str(setup) if setup is not None else MISSING,
         "model": str(setting("model", "backbone") or MISSING),
         "dataset": str(setting("dataset", "name") or MISSING),
@@ -249,6 +253,9 @@ def _md(rows: Sequence[dict]) -> str:
         return "No runs found (no metrics.json with settings under the given directories).\n"
     blocks = []
     for (setup, model, dataset), group in _groups(rows).items():
+        if any(r.get("task") == "segmentation" for r in group):
+            blocks.append(_md_segmentation(model, dataset, group))
+            continue
         lines = [f"### setup {setup} · {model} · {dataset}", "",
                  "| Method | #Layers | Acc (%) ↑ | Mem (MiB) ↓ | GFLOPs ↓ |",
                  "|:--|--:|--:|--:|--:|"]
@@ -277,6 +284,23 @@ def _md(rows: Sequence[dict]) -> str:
         lines += [f"<sup>{i}</sup> {note}  " for i, note in enumerate(notes, 1)]
         blocks.append("\n".join(lines).rstrip() + "\n")
     return "\n".join(blocks)
+
+
+def _md_segmentation(model: str, dataset: str, group: Sequence[dict]) -> str:
+    """The paper's Table 3 layout: mIoU and mAcc (%, mmseg's definitions), Mem (MiB), TFLOPs."""
+    lines = [f"### {model} · {dataset}", "", "| Method | #Layers | mIoU ↑ | mAcc ↑ | Mem (MiB) ↓ | TFLOPs ↓ |",
+             "|:--|--:|--:|--:|--:|--:|"]
+    prev = None
+    for r in group:
+        n = "All" if r["num_finetune"] == "all" else MISSING if r["num_finetune"] is None else r["num_finetune"]
+        name = r["label"] if r["label"] != prev else ""
+        prev = r["label"]
+        tflops = None if r["gflops"] is None else r["gflops"] / 1000
+        lines.append(f"| {name} | {n} | {_fmt(r['accuracy'])} | {_fmt(r['macc'])} | {_fmt(r['activation_mib'])} | "
+                     f"{_fmt(tflops)} |")
+    lines += ["", "mIoU/mAcc on the validation set (mmseg's definitions); Mem: activation memory of the compressed "
+                  "layers; TFLOPs per training step (see the GFLOPs note of the classification tables).  "]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _csv(rows: Sequence[dict]) -> str:
