@@ -6,7 +6,9 @@
 #   bash scripts/download_ckpts.sh imagenet   the published ImageNet weights of every model in the zoo
 #                                              (MCUNet release, torchvision) -> ckpts/imagenet/, used by
 #                                              --model.pretrained true when offline
-#   bash scripts/download_ckpts.sh all        both (default)
+#   bash scripts/download_ckpts.sh seg        the authors' Cityscapes-calibrated segmentation checkpoints (mmseg format,
+#                                              Google Drive id from the original README) -> ckpts/segmentation/authors/
+#   bash scripts/download_ckpts.sh all        setupB and imagenet (default)
 #
 # Copy ckpts/ to an offline machine afterwards; see ckpts/README.md for what goes where.
 set -euo pipefail
@@ -33,10 +35,27 @@ fetch_setupB() {
     echo "      --config configs/data/imagenet.yaml --config configs/methods/asi.yaml --model.checkpoint <file above>"
 }
 
+# The authors' segmentation checkpoints (original README, "Segmentation", step 3): one mmseg checkpoint per network.
+SEG_GDRIVE_ID="1CxLWBcByKFS-Vv75VG70DWUX3EcFmSu1"
+SEG_ARCHIVE="seg_calib_ckpt.tar.gz"
+
+fetch_seg() {
+    mkdir -p "$CKPTS/segmentation/authors"
+    echo "downloading $SEG_ARCHIVE (Google Drive id $SEG_GDRIVE_ID) into $CKPTS/segmentation/authors/"
+    "$PYTHON" -m gdown "https://drive.google.com/uc?id=$SEG_GDRIVE_ID" -O "$CKPTS/segmentation/authors/$SEG_ARCHIVE"
+    tar xzf "$CKPTS/segmentation/authors/$SEG_ARCHIVE" -C "$CKPTS/segmentation/authors"
+    rm -f "$CKPTS/segmentation/authors/$SEG_ARCHIVE"
+    echo "extracted checkpoints (link each to $CKPTS/segmentation/<model>.pth, <model> one of pspnet_r18"
+    echo "deeplabv3_r18 fcn_r18 upernet_r18 pspnet_mv2 deeplabv3_mv2, for scripts/segmentation.sh):"
+    find "$CKPTS/segmentation/authors" -type f \( -name '*.pth' -o -name '*.ckpt' -o -name '*.pt' \) | sort
+}
+
 fetch_imagenet() {
     ASI_CKPT_DIR="$CKPTS" "$PYTHON" - <<'PY'
 from classification.backbones import MODELS, imagenet_weights_path, _download
 for name, spec in MODELS.items():
+    if not spec.weights_url:  # segmentation networks: no ImageNet weights (their checkpoints: `seg`)
+        continue
     dst = imagenet_weights_path(name)
     if dst.is_file():
         print(f"{name}: {dst} already there")
@@ -49,6 +68,7 @@ PY
 case "$WHAT" in
     setupB) fetch_setupB ;;
     imagenet) fetch_imagenet ;;
+    seg) fetch_seg ;;
     all) fetch_imagenet; fetch_setupB ;;
-    *) echo "usage: bash scripts/download_ckpts.sh [setupB|imagenet|all]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/download_ckpts.sh [setupB|imagenet|seg|all]" >&2; exit 2 ;;
 esac

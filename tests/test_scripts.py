@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
-SWEEPS = ["asi_setupA", "asi_setupB", "baselines", "latency", "paper", "perplexity", "pretrain_setupB", "warm_start"]
+SWEEPS = ["asi_setupA", "asi_setupB", "baselines", "latency", "paper", "perplexity", "pretrain_setupB", "warm_start",
+          "segmentation"]
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
@@ -67,6 +68,17 @@ DRY = {
                             "configs/models/resnet34.yaml --config configs/data/imagenet.yaml", "--exp_name pretrain"]),
 }
 DRY["paper"] = (sum(n for n, _ in DRY.values()) + 1, ["python main.py report {runs} --out {runs}/report.md"])
+# Table 3 (not part of paper.sh: it needs VOC12 aug and the authors' segmentation checkpoints): 6 models x
+# (1 perplexity table + vanilla all + 2 layer sets x 4 methods)
+DRY["segmentation"] = (60, [
+    "main.py measure --config configs/recipes/segmentation.yaml --config configs/segmentation/pspnet_r18.yaml "
+    "--config configs/data/voc12aug.yaml --data.root {data}",
+    "--exp_name l10_Rauthors --model.method gradfilter --model.checkpoint {ckpts}/segmentation/fcn_r18.pth "
+    "--model.num_finetune 10",
+    "--exp_name l5_budget_hosvd0.8 --model.method asi --model.checkpoint {ckpts}/segmentation/upernet_r18.pth "
+    "--model.num_finetune 5 --model.perplexity_file {runs}/setupA/upernet_r18/voc12aug/measure/paper/perplexity.json "
+    "--model.budget hosvd@0.8",
+    "configs/segmentation/deeplabv3_mv2.yaml --config configs/data/voc12aug.yaml"])
 
 
 @pytest.mark.parametrize("script", sorted(DRY))
@@ -78,7 +90,7 @@ def test_dry_run_prints_the_commands_and_runs_nothing(script, tmp_path):
     count, fragments = DRY[script]
     assert len(lines) == count and all(line.startswith("python main.py ") for line in lines), proc.stdout[:2000]
     for frag in fragments:
-        assert frag.format(runs=runs, data=data) in proc.stdout, frag
+        assert frag.format(runs=runs, data=data, ckpts=tmp_path / "ckpts") in proc.stdout, frag
     assert len(set(lines)) == len(lines)  # every run its own command (and run directory)
     assert not runs.exists() and not data.exists() and not (tmp_path / "ckpts").exists()
 
