@@ -32,7 +32,7 @@ def _median(xs):
 def run_benchmark(build: Callable[[str], nn.Module], methods: Sequence[str], batch_size: int, resolution: int,
                   num_classes: int = 10, steps: int = 5, warmup: int = 1, per_layer: bool = False,
                   device: str | torch.device = "cpu", seed: int = 0,
-                  progress: Optional[Callable[[str], None]] = None) -> dict:
+                  progress: Optional[Callable[[str], None]] = None, pixel_targets: bool = False) -> dict:
     """``build(method) -> nn.Module`` gives a patched network in training mode (BatchNorm handled
     by the caller). Returns {"methods": {name: {"forward_s", "backward_s", "optimizer_s", "step_s"}},
     "ratios_to_vanilla": {name: {"forward", "backward", "step"}} (time ratios; < 1 is faster),
@@ -40,7 +40,8 @@ def run_benchmark(build: Callable[[str], nn.Module], methods: Sequence[str], bat
     device = torch.device(device)
     torch.manual_seed(seed)
     x = torch.randn(batch_size, 3, resolution, resolution, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    y_shape = (batch_size, resolution, resolution) if pixel_targets else (batch_size,)  # segmentation: label maps
+    y = torch.randint(0, num_classes, y_shape, device=device)
     nets, opts = {}, {}
     for m in methods:
         net = build(m).to(device)
@@ -145,6 +146,7 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
                      warmup: int = 1, per_layer: bool = False, device: str = "auto", progress: bool = True) -> dict:
     """``main.py benchmark``: one ClassificationModel per method from the same --model arguments (random
     weights), timed by :func:`run_benchmark`. Returns the JSON object the command prints."""
+    from .backbones import get_spec
     from .model import ClassificationModel
 
     unknown = [m for m in methods if m not in asi_core.METHODS]
@@ -162,7 +164,8 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
 
     say = (lambda msg: print(f"[benchmark] {msg}", flush=True)) if progress else None
     result = run_benchmark(build, list(methods), batch_size, resolution, num_classes=args.get("num_classes", 10),
-                           steps=steps, warmup=warmup, per_layer=per_layer, device=device, progress=say)
+                           steps=steps, warmup=warmup, per_layer=per_layer, device=device, progress=say,
+                           pixel_targets=get_spec(args["backbone"]).task == "segmentation")
     config = {"model": args.get("backbone"), "num_finetune": args.get("num_finetune"), "batch_size": batch_size,
               "resolution": resolution, "steps": steps, "warmup": warmup, "device": str(device),
               "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -249,3 +249,22 @@ def test_bad_inputs(run_cli, tmp_path):
         run_cli("fit", "--config", "configs/data/digit_scenes.yaml", "--model.backbone", "mcunet", tiny=False)
     with pytest.raises(FileNotFoundError, match="--model.checkpoint"):
         ClassificationModel(backbone="fcn_r18", num_classes=21, pretrained=True)
+
+
+def test_benchmark_and_report_take_segmentation(tmp_path):
+    from classification.benchmark import benchmark_models
+    from classification.report import collect, format_table
+
+    out = benchmark_models({"backbone": "pspnet_mv2", "num_classes": 11, "num_finetune": 5}, ["vanilla", "asi"], 1,
+                           32, steps=1, warmup=0, device="cpu", progress=False)
+    assert set(out["methods"]) == {"vanilla", "asi"}
+    run = tmp_path / "setupA" / "pspnet_r18" / "voc12aug" / "gradfilter" / "l5_Rauthors"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({
+        "settings": {"setup": "A", "model": "pspnet_r18", "dataset": "voc12aug", "method": "gradfilter",
+                     "num_finetune": 5, "model_args": {"radius": 2}},
+        "val_miou": 39.34, "val_macc": 51.59, "epochs_completed": 1,
+        "resources": {"activation_mib": 8.0, "train_gflops": 38.65}}))
+    table = format_table(collect([tmp_path]))
+    assert "| Method | #Layers | mIoU ↑ | mAcc ↑ | Mem (MiB) ↓ | TFLOPs ↓ |" in table
+    assert "| Gradient filter (authors' radii) | 5 | 39.34 | 51.59 | 8.00 | 0.04 |" in table
