@@ -28,6 +28,7 @@ from .backbones import create_model, get_spec
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "vanilla": (),
     "gradfilter": ("radius",),
+    "gradfilter_paper": ("radius",),
     "hosvd": ("eps",),
     "asi": ("ranks", "warm_start"),
 }

@@ -197,7 +197,8 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     model.to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
     res = profile_step(model, x, y, optimizer=optimizer)
-    options = {"asi": {"ranks": hp.ranks}, "hosvd": {"eps": hp.eps}, "gradfilter": {"radius": hp.radius}}
+    options = {"asi": {"ranks": hp.ranks}, "hosvd": {"eps": hp.eps}, "gradfilter": {"radius": hp.radius},
+               "gradfilter_paper": {"radius": hp.radius}}
     out = {"model": hp.backbone, "method": hp.method, "num_finetune": hp.num_finetune,
            "batch_size": batch_size, "resolution": resolution, **options.get(hp.method, {}),
            "lean": hp.method != "vanilla" if hp.lean is None else bool(hp.lean), "device": str(device)}
