@@ -119,7 +119,10 @@ def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], p
         raise ValueError(f"num_finetune must be 'all' or an integer in [1, {len(convs)}] (the model's conv layers), "
                          f"got {num_finetune!r}")
     try:
-        table = ranks_lib.load_table(perplexity_file)
+        if str(perplexity_file).endswith(".pkl"):  # the authors' format, converted on load
+            table = ranks_lib.table_from_authors_pickle(perplexity_file, convs, backbone, input_shape)
+        else:
+            table = ranks_lib.load_table(perplexity_file)
         ranks_lib.check_table_matches(table, model_name=backbone, layer_names=names, input_shape=input_shape)
         chosen = ranks_lib.select(table, budget, layers=names)
     except ValueError as err:
@@ -176,7 +179,7 @@ class ClassificationModel(pl.LightningModule):
             ranks: asi: one rank for every mode of every layer, or one (r1, r2, r3, r4) per fine-tuned layer,
                 in layer order. Default: 4, or chosen per layer from --model.perplexity_file (give one or the other).
             perplexity_file: asi: a perplexity.json of ``python main.py measure`` (same backbone, batch size and
-                resolution, covering the fine-tuned layers); ranks are then chosen per layer under --model.budget
+                resolution, covering the fine-tuned layers), or the authors' perplexity.pkl (converted on load); ranks are then chosen per layer under --model.budget
                 (asi_core.ranks.select, eq. 9) and written to metrics.json["rank_selection"].
             budget: asi with --model.perplexity_file: activation-memory budget of the fine-tuned layers, in MiB
                 (e.g. 0.5); "hosvd@0.8" = the memory HOSVD with eps 0.8 needs on the same layers, read from the
