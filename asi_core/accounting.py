@@ -35,7 +35,13 @@ vanilla      B*C*H*W                      kh*kw*(C/g)*C'*B*H'*W' (eq. 16)  0
 gradfilter   C*P                          C'*(C/g)*P                       B*C*H'*W' + B*C'*H'*W'
 hosvd        prod r + sum D_m r_m (eq. 5) eq. 15 with groups               eq. 11 (+ core_flops)
 asi          prod r + sum D_m r_m (eq. 5) eq. 15 with groups               eq. 14 (+ core_flops)
+gradfilter_  C*P (input-patch sums)       C'*(C/g)*P                       B*C*H*W + B*C'*H'*W'
+paper                                                                      + C'*(C/g)*(kh*kw - 1)
 ============ ============================ ================================ =========================
+
+gradfilter_paper (the authors' op, asi_core/conv.py) has its own input gradient, (C/g)*C'*P MACs
+(:func:`gradfilter_paper_input_grad_flops`). The paper's count of both gradient filters (``paper_*``) is the
+authors' code's (:func:`paper_gradfilter_flops`), which reproduces Table 1's gradient-filter column.
 
 Forward FLOPs (all methods): kh*kw*(C/g)*C'*B*H'*W' (eq. 17 counted on the *output* grid and
 divided by the groups; :func:`paper_forward_flops` gives eq. 17 literally).
