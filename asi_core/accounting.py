@@ -57,8 +57,9 @@ over the channels of o's group: C'*(C/g)*P MACs, broadcast over the kh x kw taps
 Overhead = one addition per pooled element: B*C*H'*W' centre samples + B*C'*H'*W' gradient
 entries (the division of the mean, C'*P, is ignored). The input gradient is the exact conv input
 gradient of the broadcast g_bar: the same count as the other methods. On a Linear layer
-(``asi_core/linear.py``) the rows (2-D input) or tokens (3-D input, the second-to-last mode L)
-are pooled in patches of R: P = prod(leading modes but L) * ceil(L/R), memory D*P, weight gradient
+(``asi_core/linear.py``) the rows (2-D input), tokens (3-D input, the second-to-last mode L) or the
+spatial modes H, W of a (B, H, W, C) input are pooled in patches of R per pooled mode:
+P = prod(other leading modes) * prod(ceil(L/R) over pooled modes), memory D*P, weight gradient
 out*D*P, overhead = input + output elements.
 
 Why our FLOPs differ from the paper's tables
@@ -302,13 +303,14 @@ def tucker_elements(dims: Sequence[int], ranks: RanksLike, count_whole_modes: bo
 
 
 def gradfilter_positions(geometry: Geometry, radius: int) -> int:
-    """Pooled positions per channel: B*ceil(H'/R)*ceil(W'/R) for a conv (R x R output patches),
-    prod(leading modes)*ceil(L/R) for a Linear input (..., L, D) (see the module docstring)."""
+    """Pooled positions per channel: B*ceil(H'/R)*ceil(W'/R) for a conv (R x R output patches);
+    for a Linear input (..., D) the leading modes with the pooled ones (``LinearOps.pooled_modes``: L of
+    (N or B, L, D), H and W of (B, H, W, C)) divided by R and rounded up (see the module docstring)."""
     if radius is None or isinstance(radius, bool) or int(radius) < 1:
         raise ValueError(f"gradfilter needs an integer radius >= 1, got {radius!r}")
     if isinstance(geometry, LinearGeometry):
-        shape = geometry.input_shape
-        return math.prod(shape[:-2]) * math.ceil(shape[-2] / radius)
+        from .linear import LinearOps
+        return LinearOps.filtered_elements(geometry.input_shape, int(radius)) // geometry.in_features
     B, _, Hp, Wp = geometry.output_shape
     return B * math.ceil(Hp / radius) * math.ceil(Wp / radius)
 

@@ -93,10 +93,12 @@ class GradFilterFn(torch.autograd.Function):
 
 
 class Method(nn.Module, metaclass=abc.ABCMeta):
-    """Base class. Subclasses set ``name`` and ``option_names`` and implement ``train_forward``."""
+    """Base class. Subclasses set ``name``, ``option_names`` and (when not every layer type)
+    ``layer_types``, and implement ``train_forward``."""
 
     name = ""
     option_names: tuple[str, ...] = ()
+    layer_types: tuple[str, ...] = ("conv", "linear")  # the wrappers' ``layer_type`` this method is defined for
 
     def __init__(self, layer_name: str):
         super().__init__()
@@ -243,6 +245,9 @@ class ASI(_LowRank):
         return [getattr(self, f"factor_{m}") for m in range(MAX_MODES)]
 
     def target_ranks(self, shape) -> tuple[int, ...]:
+        if len(shape) > MAX_MODES:
+            raise ValueError(f"layer {self.layer_name!r}: asi keeps warm-start factors for inputs of up to {MAX_MODES} "
+                             f"modes, got shape {tuple(shape)}; reshape the leading modes together first")
         wanted = (self.ranks,) * len(shape) if isinstance(self.ranks, int) else self.ranks
         if len(wanted) != len(shape):
             raise ValueError(f"layer {self.layer_name!r}: asi ranks {self.ranks} have {len(wanted)} entries but the "

@@ -65,11 +65,13 @@ def _layer_perplexities(layer, x, grad_out, epsilons):
 
 def measure_perplexity(model: nn.Module, batches: Iterable, loss_fn: Callable, epsilons: Sequence[float],
                        num_finetune=None, layers: Optional[Sequence[str]] = None, layer_type: str = "conv",
-                       progress: Optional[Callable[[int], None]] = None, full_rank_factors: bool = False) -> dict:
+                       progress: Optional[Callable[[int], None]] = None, include=None,
+                       full_rank_factors: bool = False) -> dict:
     """Measure the perplexity table on ``batches`` (an iterable of ``(inputs, targets)``).
 
     ``loss_fn(model, inputs, targets) -> scalar loss``. Layers: the named ``layers``, or the last
-    ``num_finetune`` (int or "all"; default all) of ``layer_type``. The model's parameters and
+    ``num_finetune`` (int or "all"; default all) of ``layer_type`` whose names match ``include`` (as in
+    ``asi_core.patch``). The model's parameters and
     train/eval mode are restored afterwards; no parameter is changed.
 
     Returns the "layers" part of perplexity.json (schema version 1): per layer its input_shape,
@@ -81,7 +83,7 @@ def measure_perplexity(model: nn.Module, batches: Iterable, loss_fn: Callable, e
     for eps in epsilons:
         if not 0 < eps <= 1:
             raise ValueError(f"epsilon {eps} is outside (0, 1]")
-    names = list(layers) if layers is not None else candidate_layers(model, layer_type)
+    names = list(layers) if layers is not None else candidate_layers(model, layer_type, include)
     if layers is None and num_finetune not in (None, "all"):
         names = names[-int(num_finetune):]
     modules = dict(model.named_modules())

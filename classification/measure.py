@@ -36,6 +36,8 @@ import asi_core
 from asi_core.perplexity import SCHEMA_VERSION, measure_perplexity
 from asi_core.ranks import load_table, validate_table
 
+from .model import finetune_candidates
+
 __all__ = ["PAPER_EPSILONS", "PERPLEXITY_FILE", "parse_epsilons", "measure_exp_name", "measurement_settings",
            "full_batches", "run_measure", "plot_table"]
 
@@ -174,11 +176,8 @@ def run_measure(model, datamodule, *, path: Union[str, Path], epsilons, num_batc
 
     if model.patched:  # measure on the plain layers; they are the ones the names refer to
         asi_core.unpatch(model.net)
-    convs = asi_core.candidate_layers(model.net)
-    if num_finetune != "all" and (isinstance(num_finetune, bool) or not isinstance(num_finetune, int)
-                                  or not 1 <= num_finetune <= len(convs)):
-        raise ValueError(f"--measure.num_finetune must be 'all' or an integer in [1, {len(convs)}] (the model's "
-                         f"conv layers), got {num_finetune!r}")
+    layer_type, include = getattr(model, "layer_type", "conv"), getattr(model, "include", None)
+    names = finetune_candidates(model.net, num_finetune, layer_type, include, option="--measure.num_finetune")
     device = torch.device(device)
     model.to(device)
     model.train()  # applies set_bn_eval: BatchNorm in eval mode, as in training
@@ -193,11 +192,11 @@ def run_measure(model, datamodule, *, path: Union[str, Path], epsilons, num_batc
 
     rank_zero_info(f"measuring perplexity of {settings['model']} on {settings['dataset']} "
                    f"(setup {settings['setup']}): eps {eps}, {num_batches} batch(es) of {datamodule.batch_size}, "
-                   f"layers: last {num_finetune} conv, device {device}")
+                   f"layers: last {num_finetune} {layer_type}, device {device}")
     start = time.perf_counter()
     with _progress(num_batches, progress, "perplexity") as bar:
         layers = measure_perplexity(model.net, full_batches(loader, num_batches, datamodule.batch_size), loss_fn,
-                                    eps, num_finetune=num_finetune, progress=bar, full_rank_factors=full_rank_factors)
+                                    eps, layers=names, progress=bar, full_rank_factors=full_rank_factors)
     table = {"schema_version": SCHEMA_VERSION, "model": settings["model"], "dataset": settings["dataset"],
              "input_shape": input_shape, "batch_size": int(datamodule.batch_size), "epsilons": eps,
              "num_batches": int(num_batches), "layers": layers, "settings": settings, "device": str(device),

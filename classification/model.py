@@ -1,5 +1,6 @@
 """LightningModule: a model-zoo network (backbone + pooling + linear head) whose last
-``num_finetune`` convolutions are trained with one of ``asi_core.METHODS``.
+``num_finetune`` convolutions (or linear layers, ``layer_type``/``include``) are trained with one of
+``asi_core.METHODS``.
 
 Construction order: build -> ImageNet weights (setup A) or ``checkpoint`` (setup B) ->
 new head -> ``asi_core.patch`` on the last N convs -> BatchNorm frozen (``set_bn_eval``).
@@ -101,26 +102,35 @@ def _check_rank_arguments(method: str, ranks, perplexity_file: Optional[str], bu
                          f"(--model.ranks null to select them from the file under --model.budget)")
 
 
+def finetune_candidates(net: nn.Module, num_finetune: Union[int, str], layer_type: str = "conv",
+                        include=None, option: str = "num_finetune") -> list[str]:
+    """The layers ``asi_core.patch(net, ..., num_finetune, layer_type=..., include=...)`` trains, checked."""
+    layers = asi_core.candidate_layers(net, layer_type, include)
+    what = f"{layer_type} layers" + (f" matching include={include!r}" if include is not None else "")
+    if num_finetune == "all" and layers:
+        return layers
+    if isinstance(num_finetune, int) and not isinstance(num_finetune, bool) and 1 <= num_finetune <= len(layers):
+        return layers[-num_finetune:]
+    raise ValueError(f"{option} must be 'all' or an integer in [1, {len(layers)}] (the model's {what}), "
+                     f"got {num_finetune!r}")
+
+
 def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], perplexity_file: str,
-                 budget: Union[float, str], input_shape: Optional[List[int]] = None) -> dict:
-    """ASI ranks for the last ``num_finetune`` convs of ``net`` from a perplexity table under ``budget``.
+                 budget: Union[float, str], input_shape: Optional[List[int]] = None, layer_type: str = "conv",
+                 include=None) -> dict:
+    """ASI ranks for the last ``num_finetune`` fine-tuned layers of ``net`` (``layer_type``, ``include``) from a
+    perplexity table under ``budget``.
 
     The table must have been measured for ``backbone``, cover those layers and (when ``input_shape`` is
     given) the same input shape; otherwise ValueError names the mismatch. Returns ``asi_core.ranks.select``'s
     result (budget_mib, per layer name/eps/ranks/memory_mib/perplexity, totals) plus the request and the
     table's provenance: what metrics.json["rank_selection"] holds.
     """
-    convs = asi_core.candidate_layers(net)
-    if num_finetune == "all":
-        names = convs
-    elif isinstance(num_finetune, int) and not isinstance(num_finetune, bool) and 1 <= num_finetune <= len(convs):
-        names = convs[-num_finetune:]
-    else:
-        raise ValueError(f"num_finetune must be 'all' or an integer in [1, {len(convs)}] (the model's conv layers), "
-                         f"got {num_finetune!r}")
+    names = finetune_candidates(net, num_finetune, layer_type, include)
     try:
         if str(perplexity_file).endswith(".pkl"):  # the authors' format, converted on load
-            table = ranks_lib.table_from_authors_pickle(perplexity_file, convs, backbone, input_shape)
+            every = asi_core.candidate_layers(net, layer_type)  # their file: every such layer, in model order
+            table = ranks_lib.table_from_authors_pickle(perplexity_file, every, backbone, input_shape)
         else:
             table = ranks_lib.load_table(perplexity_file)
         ranks_lib.check_table_matches(table, model_name=backbone, layer_names=names, input_shape=input_shape)
@@ -135,6 +145,17 @@ def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], p
                                            "num_batches")}}
 
 
+def ranks_option(ranks):
+    """--model.ranks as asi_core.patch takes it: an int, one tuple for every layer, or one tuple per layer."""
+    if ranks is None:
+        return ASI_DEFAULT_RANKS
+    if isinstance(ranks, int):
+        return ranks
+    if all(isinstance(r, int) for r in ranks):
+        return tuple(ranks)
+    return [tuple(r) for r in ranks]
+
+
 class ClassificationModel(pl.LightningModule):
     def __init__(
         self,
@@ -144,7 +165,9 @@ class ClassificationModel(pl.LightningModule):
         checkpoint: Optional[str] = None,
         method: str = "vanilla",
         num_finetune: Union[int, Literal["all"]] = 2,
-        ranks: Optional[Union[int, List[Tuple[int, int, int, int]]]] = None,
+        layer_type: Optional[Literal["conv", "linear"]] = None,
+        include: Optional[Union[str, List[str]]] = None,
+        ranks: Optional[Union[int, List[int], List[List[int]]]] = None,
         perplexity_file: Optional[str] = None,
         budget: Optional[Union[float, str]] = None,
         eps: float = 0.8,
@@ -175,9 +198,17 @@ class ClassificationModel(pl.LightningModule):
             checkpoint: Start from this checkpoint instead (setup B: the pretraining run's file under ckpts/).
                 Its head is reused when the class count matches.
             method: Activation compression: vanilla, gradfilter, hosvd or asi (asi_core.METHODS).
-            num_finetune: Number of last Conv2d layers to train, or "all". Earlier layers are frozen.
-            ranks: asi: one rank for every mode of every layer, or one (r1, r2, r3, r4) per fine-tuned layer,
-                in layer order. Default: 4, or chosen per layer from --model.perplexity_file (give one or the other).
+            num_finetune: Number of last layers (of --model.layer_type, matching --model.include) to train, or
+                "all". Everything registered before the first of them is frozen.
+            layer_type: What num_finetune counts: "conv" (nn.Conv2d) or "linear" (nn.Linear). Default: the
+                backbone's (conv for the CNNs, linear for the transformers).
+            include: Only layers whose qualified name matches: a regex searched in the name ("mlp") or a glob
+                ("*.mlp.*"), or a list of them. Default: the backbone's ("mlp" for the transformers, as the paper
+                counts their #Layers; none for the CNNs).
+            ranks: asi: one rank for every mode of every layer, one list of per-mode ranks for every layer
+                ([r1, r2, r3, r4] for a conv, one per input mode for a linear layer), or one such list per
+                fine-tuned layer, in layer order. Default: 4, or chosen per layer from --model.perplexity_file
+                (give one or the other).
             perplexity_file: asi: a perplexity.json of ``python main.py measure`` (same backbone, batch size and
                 resolution, covering the fine-tuned layers), or the authors' perplexity.pkl (converted on load); ranks are then chosen per layer under --model.budget
                 (asi_core.ranks.select, eq. 9) and written to metrics.json["rank_selection"].
@@ -212,6 +243,8 @@ class ClassificationModel(pl.LightningModule):
         if method not in asi_core.METHODS:
             raise ValueError(f"Unknown method {method!r}; valid choices: {', '.join(asi_core.METHODS)}")
         spec = get_spec(backbone)
+        self.layer_type = layer_type or spec.layer_type
+        self.include = include if include is not None else spec.include
         self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None)
         if checkpoint is not None:
             load_checkpoint_weights(self.net, checkpoint, spec.head)
@@ -219,12 +252,13 @@ class ClassificationModel(pl.LightningModule):
         self.rank_selection: Optional[dict] = None  # set when ranks come from a perplexity file
         _check_rank_arguments(method, ranks, perplexity_file, budget)
         if perplexity_file is not None:
-            self.rank_selection = select_ranks(self.net, backbone, num_finetune, perplexity_file, budget, input_shape)
+            self.rank_selection = select_ranks(self.net, backbone, num_finetune, perplexity_file, budget, input_shape,
+                                               self.layer_type, self.include)
             options["ranks"] = [tuple(layer["ranks"]) for layer in self.rank_selection["layers"]]
         elif "ranks" in options:
-            ranks = ASI_DEFAULT_RANKS if ranks is None else ranks
-            options["ranks"] = ranks if isinstance(ranks, int) else [tuple(r) for r in ranks]
-        self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean, **options)
+            options["ranks"] = ranks_option(ranks)
+        self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean,
+                                      layer_type=self.layer_type, include=self.include, **options)
         if set_bn_eval:
             for m in self.net.modules():
                 if isinstance(m, _BN):

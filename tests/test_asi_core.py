@@ -265,10 +265,11 @@ def test_low_rank_asi_gradient_is_an_approximation_of_bounded_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear 2-D / 3-D
+# Linear 2-D / 3-D / 4-D ((B, H, W, C) as torchvision's Swin feeds its MLPs)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(12, 7), (3, 5, 7)])
-@pytest.mark.parametrize("method,options", [("asi", dict(ranks=1000)), ("hosvd", dict(eps=1.0))])
+@pytest.mark.parametrize("shape", [(12, 7), (3, 5, 7), (2, 3, 4, 7)])
+@pytest.mark.parametrize("method,options", [("asi", dict(ranks=1000)), ("hosvd", dict(eps=1.0)),
+                                            ("vanilla", {})])
 def test_linear_full_rank_gradients_equal_autograd(shape, method, options):
     torch.manual_seed(0)
     lin = nn.Linear(7, 4).double()
@@ -287,7 +288,7 @@ def test_linear_full_rank_gradients_equal_autograd(shape, method, options):
     _assert_close(xi.grad, xr.grad)
 
 
-@pytest.mark.parametrize("shape,ranks", [((12, 7), (3, 3)), ((4, 6, 7), (2, 3, 2))])
+@pytest.mark.parametrize("shape,ranks", [((12, 7), (3, 3)), ((4, 6, 7), (2, 3, 2)), ((3, 4, 5, 7), (2, 3, 2, 3))])
 def test_linear_low_rank_path_exact_on_low_rank_input(shape, ranks):
     g = torch.Generator().manual_seed(1)
     x = _tucker_tensor(shape, ranks, g)
