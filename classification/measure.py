@@ -76,7 +76,7 @@ def measure_exp_name(num_finetune: Union[int, str], batch_size: int, resolution:
 
 
 def measurement_settings(model, datamodule, *, epsilons: Sequence[float], num_batches: int,
-                         num_finetune: Union[int, str], seed) -> dict:
+                         num_finetune: Union[int, str], seed, full_rank_factors: bool = False) -> dict:
     """Everything a perplexity table depends on; equal settings mean a re-run can be skipped."""
     hp = model.hparams
     weights = hp.checkpoint if hp.checkpoint is not None else ("imagenet" if hp.pretrained else "random")
@@ -86,6 +86,8 @@ def measurement_settings(model, datamodule, *, epsilons: Sequence[float], num_ba
                 "split_seed": int(datamodule.split_seed), "val_fraction": float(datamodule.val_fraction),
                 "seed": seed, "epsilons": list(epsilons), "num_batches": int(num_batches),
                 "num_finetune": num_finetune}
+    if full_rank_factors:
+        settings["full_rank_factors"] = True
     if datamodule.setup_name == "B":
         settings.update(half=int(datamodule.half), num_shards=int(datamodule.num_shards),
                         partition_file=datamodule.partition_file)
@@ -143,7 +145,8 @@ def _dumps(table: dict) -> str:
 
 def run_measure(model, datamodule, *, path: Union[str, Path], epsilons, num_batches: int,
                 num_finetune: Union[int, str] = "all", overwrite: bool = False,
-                device: Union[str, torch.device] = "cpu", progress: bool = True, seed=None) -> dict:
+                device: Union[str, torch.device] = "cpu", progress: bool = True, seed=None,
+                full_rank_factors: bool = False) -> dict:
     """Measure the perplexity table of ``model`` (a ClassificationModel) on ``datamodule``'s training
     batches and write ``path`` (perplexity.json) and its PNG. The model is unpatched and moved to
     ``device``; it is not trained. If ``path`` already holds a table with the same settings and not
@@ -154,7 +157,7 @@ def run_measure(model, datamodule, *, path: Union[str, Path], epsilons, num_batc
     path, eps = Path(path), parse_epsilons(epsilons)
     plot = path.with_suffix(".png")
     settings = measurement_settings(model, datamodule, epsilons=eps, num_batches=num_batches,
-                                    num_finetune=num_finetune, seed=seed)
+                                    num_finetune=num_finetune, seed=seed, full_rank_factors=full_rank_factors)
     if path.is_file() and not overwrite:
         try:
             old = load_table(path)
@@ -193,7 +196,7 @@ def run_measure(model, datamodule, *, path: Union[str, Path], epsilons, num_batc
     start = time.perf_counter()
     with _progress(num_batches, progress, "perplexity") as bar:
         layers = measure_perplexity(model.net, full_batches(loader, num_batches, datamodule.batch_size), loss_fn,
-                                    eps, layers=names, progress=bar)
+                                    eps, layers=names, progress=bar, full_rank_factors=full_rank_factors)
     table = {"schema_version": SCHEMA_VERSION, "model": settings["model"], "dataset": settings["dataset"],
              "input_shape": input_shape, "batch_size": int(datamodule.batch_size), "epsilons": eps,
              "num_batches": int(num_batches), "layers": layers, "settings": settings, "device": str(device),

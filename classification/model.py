@@ -11,6 +11,7 @@ annealing; L2 gradient clipping 2.0 is the Trainer's ``gradient_clip_val``.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import List, Literal, Optional, Tuple, Union
 
@@ -29,6 +30,7 @@ from .backbones import create_model, get_spec
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "vanilla": (),
     "gradfilter": ("radius",),
+    "gradfilter_paper": ("radius",),
     "hosvd": ("eps",),
     "asi": ("ranks", "warm_start"),
 }
@@ -126,7 +128,11 @@ def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], p
     """
     names = layers if layers is not None else finetune_candidates(net, num_finetune, layer_type, include)
     try:
-        table = ranks_lib.load_table(perplexity_file)
+        if str(perplexity_file).endswith(".pkl"):  # the authors' format, converted on load
+            every = asi_core.candidate_layers(net, layer_type)  # their file: every such layer, in model order
+            table = ranks_lib.table_from_authors_pickle(perplexity_file, every, backbone, input_shape)
+        else:
+            table = ranks_lib.load_table(perplexity_file)
         ranks_lib.check_table_matches(table, model_name=backbone, layer_names=names, input_shape=input_shape)
         chosen = ranks_lib.select(table, budget, layers=names)
     except ValueError as err:
@@ -193,6 +199,11 @@ class ClassificationModel(pl.LightningModule):
         weight_decay: float = 1e-4,
         warmup_epochs: int = 0,
         scheduler: Literal["cosine", "constant"] = "cosine",
+        lr_min_factor: float = 0.0,
+        warmup_start_factor: Optional[float] = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+        adam_betas: Tuple[float, float] = (0.9, 0.999),
+        train_bn_affine: bool = False,
         input_shape: Optional[List[int]] = None,
     ):
         """Classifier fine-tuned with activation compression.
@@ -221,7 +232,7 @@ class ClassificationModel(pl.LightningModule):
                 fine-tuned layer, in layer order. Default: 4, or chosen per layer from --model.perplexity_file
                 (give one or the other).
             perplexity_file: asi: a perplexity.json of ``python main.py measure`` (same backbone, batch size and
-                resolution, covering the fine-tuned layers); ranks are then chosen per layer under --model.budget
+                resolution, covering the fine-tuned layers), or the authors' perplexity.pkl (converted on load); ranks are then chosen per layer under --model.budget
                 (asi_core.ranks.select, eq. 9) and written to metrics.json["rank_selection"].
             budget: asi with --model.perplexity_file: activation-memory budget of the fine-tuned layers, in MiB
                 (e.g. 0.5); "hosvd@0.8" = the memory HOSVD with eps 0.8 needs on the same layers, read from the
@@ -236,7 +247,16 @@ class ClassificationModel(pl.LightningModule):
             momentum: SGD momentum (paper: 0 downstream, 0.9 ImageNet setup B).
             weight_decay: L2 weight decay (paper: 1e-4).
             warmup_epochs: Epochs of linear learning-rate warm-up (paper: 4 on ImageNet setup B).
-            scheduler: "cosine" annealing to 0 over the run (paper), or "constant".
+            scheduler: "cosine" annealing over the run (to lr_min_factor x lr), or "constant".
+            lr_min_factor: Where the cosine ends, as a fraction of lr: 0 (ours) or 0.1 (the authors' code without
+                warm-up, CosineAnnealingLR eta_min = 0.1 lr; their warm-up branch anneals to 0).
+            warmup_start_factor: Linear warm-up from this fraction of lr, reaching lr at the last warm-up epoch
+                (the authors' code: 0.25). None (ours): (step + 1) / warmup_steps.
+            scheduler_interval: Update the learning rate every "step" (ours) or every "epoch" (the authors' code).
+            adam_betas: Adam's betas: (0.9, 0.999) (PyTorch's default), (0.8, 0.9) in the authors' code.
+            train_bn_affine: Train the scale and shift of every BatchNorm registered after the first fine-tuned conv
+                (the authors' code), in eval mode with frozen running statistics when set_bn_eval. False (ours):
+                every BatchNorm parameter is frozen.
             input_shape: Network input [batch size, 3, resolution, resolution]; linked from --data.batch_size and
                 --data.resolution, not set by hand. Checked against --model.perplexity_file (None: not checked).
         """
@@ -279,6 +299,13 @@ class ClassificationModel(pl.LightningModule):
                 if isinstance(m, _BN):
                     for p in m.parameters():
                         p.requires_grad_(False)
+        if train_bn_affine:
+            self.bn_affine_trained = bn_after_first(self.net, self.patched[0])
+            for name in self.bn_affine_trained:
+                for p in self.net.get_submodule(name).parameters():
+                    p.requires_grad_(True)
+        else:
+            self.bn_affine_trained = []
         self.train(self.training)
         self.monitor = "val/acc"  # what ModelCheckpoint keeps the best of
         if self.task == "segmentation":  # pixel labels: mmseg's loss and mIoU/mAcc (segmentation/)
@@ -381,23 +408,52 @@ class ClassificationModel(pl.LightningModule):
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         else:
-            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self.trainer is not None else math.inf
+            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas))
         if hp.scheduler == "constant" and hp.warmup_epochs == 0:
             return opt
-        if not math.isfinite(total):
-            raise ValueError("the learning-rate schedule needs a finite run: set --trainer.max_epochs or max_steps")
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = int(round(total * hp.warmup_epochs / max_epochs))
-        cosine = hp.scheduler == "cosine"
-
-        def factor(step: int) -> float:  # linear warm-up, then cosine annealing (or constant) to the end
-            if step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
+        max_epochs = self.trainer.max_epochs if self.trainer is not None else None
+        if hp.scheduler_interval == "epoch":
+            if max_epochs is None or max_epochs <= 0:
+                raise ValueError("--model.scheduler_interval epoch needs --trainer.max_epochs (the schedule's length)")
+            total, warmup = max_epochs, hp.warmup_epochs
+        else:
+            total = self.trainer.estimated_stepping_batches if self.trainer is not None else math.inf
+            if not math.isfinite(total):
+                raise ValueError("the learning-rate schedule needs a finite run: set --trainer.max_epochs or max_steps")
+            epochs = max_epochs if max_epochs and max_epochs > 0 else 1
+            warmup = int(round(total * hp.warmup_epochs / epochs))
+        factor = partial(lr_factor, total=total, warmup=warmup, cosine=hp.scheduler == "cosine",
+                         min_factor=hp.lr_min_factor, warmup_start=hp.warmup_start_factor)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp.scheduler_interval}}
+
+
+def lr_factor(t: int, total: int, warmup: int, cosine: bool = True, min_factor: float = 0.0,
+              warmup_start: Optional[float] = None) -> float:
+    """Learning rate / peak lr at scheduler step ``t`` (a batch or an epoch) of ``total``.
+
+    Warm-up (t < warmup): ``(t + 1) / warmup`` (ours), or with ``warmup_start`` s the authors' line
+    s + (1 - s) t / (warmup - 1), which reaches 1 at the last warm-up step. Then cosine annealing from 1 to
+    ``min_factor`` over the remaining total - warmup steps (the authors: CosineAnnealingLR's
+    eta_min + (lr - eta_min)(1 + cos(pi t / T)) / 2 without warm-up, eta_min = 0.1 lr; after a warm-up their
+    LambdaLR anneals to 0), or 1 (constant)."""
+    if t < warmup:
+        if warmup_start is None:
+            return (t + 1) / warmup
+        return warmup_start + (1.0 - warmup_start) * t / max(1, warmup - 1)
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (t - warmup) / max(1, total - warmup))
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def bn_after_first(net: nn.Module, first: str) -> list[str]:
+    """BatchNorm modules registered after the layer ``first`` (the authors' freeze_layers rule: every leaf
+    module registered after the first fine-tuned conv keeps its parameters trainable)."""
+    names, seen = [], False
+    for name, m in net.named_modules():
+        if name == first:
+            seen = True
+        elif seen and isinstance(m, _BN) and any(True for _ in m.parameters()):
+            names.append(name)
+    return names

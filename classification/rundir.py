@@ -34,7 +34,7 @@ def default_exp_name(method: str, num_finetune: Union[int, str], ranks: Any = No
         name += "_nowarm"
     elif method == "hosvd":
         name += f"_eps{eps}"
-    elif method == "gradfilter":
+    elif method in ("gradfilter", "gradfilter_paper"):
         name += f"_R{radius}"
     return name
 

@@ -479,7 +479,7 @@ def test_half_precision_runs(dtype):
 # bad input
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(method="lora", num_finetune=1), "unknown method 'lora'; valid methods: ['vanilla', 'gradfilter', 'hosvd', 'asi']"),
+    (dict(method="lora", num_finetune=1), "unknown method 'lora'; valid methods: ['vanilla', 'gradfilter', 'hosvd', 'asi', 'gradfilter_paper']"),
     (dict(method="asi", num_finetune=1, ranks=0), "layer '6': asi ranks must be integers >= 1, got 0"),
     (dict(method="asi", num_finetune=1, ranks=(2, 0, 2, 2)), "layer '6': asi ranks must be integers >= 1, got (2, 0, 2, 2)"),
     (dict(method="hosvd", num_finetune=1, eps=0.0), "layer '6': hosvd eps must be in (0, 1], got 0.0"),
