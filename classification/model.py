@@ -279,7 +279,7 @@ class ClassificationModel(pl.LightningModule):
         chosen = layers if layers is not None else (authors["layers"] if authors else None)
         if chosen is not None:
             chosen = check_layer_names(self.net, list(chosen), self.layer_type)
-        if authors is not None and method == "gradfilter":  # Table 3's per-layer radii, in patch's layer order
+        if authors is not None and "radius" in options:  # Table 3's per-layer radii, in patch's layer order
             radius_of = dict(zip(authors["layers"], authors["radii"]))
             options["radius"] = [radius_of[n] for n in chosen]
         self.rank_selection: Optional[dict] = None  # set when ranks come from a perplexity file
@@ -292,14 +292,22 @@ class ClassificationModel(pl.LightningModule):
             options["ranks"] = ranks_option(ranks)
         self.patched = asi_core.patch(self.net, method, num_finetune=None if chosen else num_finetune, layers=chosen,
                                       lean=lean, layer_type=self.layer_type, include=self.include, **options)
+        rule_trainable: set[str] = set()
         if authors is not None:  # the authors' freeze_layers: some layers train uncompressed (e.g. conv_seg)
             apply_freeze_rules(self.net, authors["freeze"])
+            rule_trainable = {n for n, p in self.net.named_parameters() if p.requires_grad}
         if set_bn_eval:
             for m in self.net.modules():
                 if isinstance(m, _BN):
                     for p in m.parameters():
                         p.requires_grad_(False)
-        if train_bn_affine:
+        if train_bn_affine and authors is not None:  # segmentation: BN affine trains where the freeze rules leave it
+            self.bn_affine_trained = [n for n, m in self.net.named_modules() if isinstance(m, _BN)
+                                      and any(f"{n}.{k}" in rule_trainable for k in ("weight", "bias"))]
+            for name in self.bn_affine_trained:
+                for p in self.net.get_submodule(name).parameters():
+                    p.requires_grad_(True)
+        elif train_bn_affine:
             self.bn_affine_trained = bn_after_first(self.net, self.patched[0])
             for name in self.bn_affine_trained:
                 for p in self.net.get_submodule(name).parameters():

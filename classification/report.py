@@ -147,7 +147,7 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     gflops, gflops_peak = (train, train_peak) if flops == "train" else (paper, paper_peak)
     final, best = _num(data.get("val_acc")), _num(data.get("best_val_acc"))
     segmentation = "val_miou" in data or "best_val_miou" in data  # mIoU/mAcc in percent (segmentation/metrics.py)
-    if segmentation and method == "gradfilter" and not model_args.get("layers") \
+    if segmentation and method in ("gradfilter", "gradfilter_paper") and not model_args.get("layers") \
             and _layers(setting("num_finetune")) in (5, 10):
         label = "Gradient filter (authors' radii)"  # Table 3: per-layer radii of segmentation/layer_sets.py
     if segmentation:

@@ -104,7 +104,11 @@ def layer_set(model: str, num_finetune) -> dict | None:
 
 
 def apply_freeze_rules(model: nn.Module, rules: Iterable[str]) -> None:
-    """The authors' ``freeze_layers``: in order, ``path`` freezes every parameter under it, ``~path`` unfreezes."""
+    """The authors' ``freeze_layers``: every parameter starts trainable (their model as built), then in order
+    ``path`` freezes every parameter under it and ``~path`` unfreezes. Replaces whatever was frozen before (e.g.
+    ``asi_core.patch``'s "everything registered before the first patched layer")."""
+    for p in model.parameters():
+        p.requires_grad_(True)
     for rule in rules:
         active = rule.startswith("~")
         path = rule[1:] if active else rule

@@ -160,7 +160,17 @@ def test_freeze_rules_and_radii_follow_the_authors():
                      "decode_head.aspp_modules.1.conv": 3, "decode_head.aspp_modules.2.conv": 6,
                      "decode_head.aspp_modules.3.conv": 9}
     assert not d.net.decode_head.image_pool[1].conv.weight.requires_grad  # frozen by the 5L rules
+    p5 = ClassificationModel(backbone="pspnet_r18", num_classes=21, pretrained=False, method="vanilla", num_finetune=5)
+    assert p5.net.decode_head.psp_modules[0][1].conv.weight.requires_grad  # registered before the first patched
+    assert not any(p.requires_grad for p in p5.net.backbone.parameters())  # layer, yet trained, as the authors
     assert all(len(AUTHORS_LAYER_SETS[n]) == 2 for n in MODELS)
+    # the authors' BN: scale and shift train where their freeze rules leave the module trainable (PSPNet 5L: the head)
+    b = ClassificationModel(backbone="pspnet_r18", num_classes=21, pretrained=False, method="gradfilter_paper",
+                            num_finetune=5, train_bn_affine=True)
+    assert set(b.bn_affine_trained) == {"decode_head.bottleneck.bn"} | {f"decode_head.psp_modules.{i}.1.bn"
+                                                                         for i in range(4)}
+    assert {n: l.method.radius for n, l in b.net.named_modules() if hasattr(l, "method")} == {
+        "decode_head.bottleneck.conv": 4}
 
 
 def test_layer_name_not_in_model_names_the_nearest():
