@@ -73,7 +73,7 @@ DRY["paper"] = (sum(n for n, _ in DRY.values()) + 1, ["python main.py report {ru
 DRY["segmentation"] = (60, [
     "main.py measure --config configs/recipes/segmentation.yaml --config configs/segmentation/pspnet_r18.yaml "
     "--config configs/data/voc12aug.yaml --data.root {data}",
-    "--exp_name l10_Rauthors --model.method gradfilter_paper --model.checkpoint {ckpts}/segmentation/fcn_r18.pth "
+    "--exp_name l10_Rauthors --model.method gradfilter --model.checkpoint {ckpts}/segmentation/fcn_r18.pth "
     "--model.num_finetune 10",
     "--exp_name l5_budget_hosvd0.8 --model.method asi --model.checkpoint {ckpts}/segmentation/upernet_r18.pth "
     "--model.num_finetune 5 --model.perplexity_file {runs}/setupA/upernet_r18/voc12aug/measure/paper/perplexity.json "
