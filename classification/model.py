@@ -77,8 +77,11 @@ def load_checkpoint_weights(net: nn.Module, path: str | Path, head: str) -> list
         else:
             bad.append(f"{k} (expected {tuple(v.shape)}, found {tuple(state[k].shape) if k in state else 'nothing'})")
     if bad:
+        unused = [k for k in state if k not in own]
         raise ValueError(f"checkpoint {path} does not fit this model: {len(bad)} tensors missing or mis-shaped, "
-                         f"e.g. {bad[:3]}. Is it a checkpoint of the same --model.backbone?")
+                         f"e.g. {bad[:3]}" + (f"; {len(unused)} checkpoint keys the model does not have, e.g. "
+                                              f"{unused[:3]}" if unused else "")
+                         + ". Is it a checkpoint of the same --model.backbone?")
     net.load_state_dict(load, strict=False)
     if skipped:
         rank_zero_info(f"checkpoint {path}: classifier head not loaded ({skipped}), it is trained from scratch")
