@@ -251,10 +251,12 @@ def test_fit_on_digit_scenes(run_cli, tmp_path, method):
 
 
 def test_bad_inputs(run_cli, tmp_path):
-    from segmentation.data import voc12aug_sets
+    from segmentation.data import cityscapes_sets, voc12aug_sets
 
     with pytest.raises(FileNotFoundError, match=r"voc12aug.*SegmentationClassAug.*voc_aug\.py"):
         voc12aug_sets(tmp_path, 512)
+    with pytest.raises(FileNotFoundError, match=r"cityscapes.*leftImg8bit.*labelTrainIds"):
+        cityscapes_sets(tmp_path, 512)
     with pytest.raises(SystemExit):  # a classification model on a segmentation dataset: the parser says so
         run_cli("fit", "--config", "configs/data/digit_scenes.yaml", "--model.backbone", "mcunet", tiny=False)
     with pytest.raises(FileNotFoundError, match="--model.checkpoint"):
@@ -278,3 +280,32 @@ def test_benchmark_and_report_take_segmentation(tmp_path):
     table = format_table(collect([tmp_path]))
     assert "| Method | #Layers | mIoU ↑ | mAcc ↑ | Mem (MiB) ↓ | TFLOPs ↓ |" in table
     assert "| Gradient filter (authors' radii) | 5 | 39.34 | 51.59 | 8.00 | 0.04 |" in table
+
+
+def test_voc12aug_pipeline_on_a_tiny_folder(tmp_path):
+    """mmseg's layout read back: training crops of resolution x resolution (padded with label 255 when the rescaled
+    image is smaller), evaluation images rescaled to (4 * resolution, resolution) with labels at their own size."""
+    from PIL import Image
+
+    from segmentation.data import voc12aug_sets
+
+    d = tmp_path / "voc12aug"
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (d / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, folder in (("a", "SegmentationClass"), ("b", "SegmentationClassAug"), ("c", "SegmentationClass")):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(d / "JPEGImages" / f"{name}.jpg")
+        label = np.zeros((30, 40), np.uint8)
+        label[5:20, 10:30] = 7
+        label[0] = 255
+        Image.fromarray(label).save(d / folder / f"{name}.png")
+    for split, names in (("train", "a"), ("aug", "b"), ("val", "c")):
+        (d / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    train, val, test = voc12aug_sets(tmp_path, 32)
+    assert len(train) == 2 and len(val) == 1 and test is val
+    for i in range(2):
+        x, y = train[i]
+        assert x.shape == (3, 32, 32) and y.shape == (32, 32) and y.dtype == torch.int64
+        assert set(y.unique().tolist()) <= {0, 7, 255}
+    x, y = val[0]
+    assert y.shape == (30, 40) and x.shape == (3, 32, 43)  # short side 30 -> 32 (scale (128, 32)), ratio kept
