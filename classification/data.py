@@ -297,7 +297,8 @@ class ClassificationData(pl.LightningDataModule):
         """Image classification data.
 
         Args:
-            name: Dataset: digits, cifar10, cifar100, flowers102, pets, cub200 or imagenet.
+            name: Dataset: digits, cifar10, cifar100, flowers102, pets, cub200 or imagenet; segmentation (with a
+                segmentation model): voc12aug, cityscapes or digit_scenes (segmentation/data.py).
             root: Folder holding one sub-folder per dataset (``<root>/<name>/``).
             setup: "A": the whole training pool (ImageNet-pretrained backbone, downstream set).
                 "B": the pool is split into two label-skewed halves (pretrain on half 1, fine-tune on half 2).

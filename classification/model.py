@@ -212,7 +212,9 @@ class ClassificationModel(pl.LightningModule):
         """Classifier fine-tuned with activation compression.
 
         Args:
-            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18 or resnet34.
+            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18 or resnet34; segmentation
+                (paper Table 3, segmentation/models.py): pspnet_r18, deeplabv3_r18, fcn_r18, upernet_r18, pspnet_mv2,
+                deeplabv3_mv2 (start them from --model.checkpoint or with --model.pretrained false).
             num_classes: Classes of the head; linked from --data.name, not set by hand.
             pretrained: Start from the published ImageNet weights (setup A). If they can be neither found
                 under ckpts/imagenet/ nor downloaded, the run stops and names the file to provide.
