@@ -195,7 +195,12 @@ class HOSVD(_LowRank):
         return {"eps": self.eps}
 
     def compress(self, x):
-        core, factors, ranks = hosvd(x, self.eps)
+        try:
+            core, factors, ranks = hosvd(x, self.eps)
+        except torch.linalg.LinAlgError as err:
+            finite = "" if torch.isfinite(x).all() else " (its input holds NaN/inf values: look upstream of it)"
+            raise torch.linalg.LinAlgError(f"layer {self.layer_name!r}: hosvd's SVD of the input of shape "
+                                           f"{tuple(x.shape)} failed{finite}: {err}") from err
         return self._finish(x, core, factors, ranks)
 
 
@@ -263,6 +268,9 @@ class ASI(_LowRank):
         gen = torch.Generator(device=x.device)
         gen.manual_seed(self.seed * 100003 + step)
         core, factors = subspace_iteration(x, ranks, previous, gen)
+        if not _keep_finite_state(self, x):  # this step's gradient is non-finite, as vanilla's; the state is kept
+            self.step += 1
+            return self._finish(x, core, factors, ranks)
         for m, u in enumerate(factors):
             buf = getattr(self, f"factor_{m}")
             if u is None:
@@ -288,6 +296,19 @@ class ASI(_LowRank):
         # A checkpoint without warm-start state (e.g. from an unpatched model) means a cold start.
         ours = {f"{prefix}factor_{m}" for m in range(MAX_MODES)} | {f"{prefix}step"}
         missing_keys[:] = [k for k in missing_keys if k in before or k not in ours]
+
+
+def _keep_finite_state(method: Method, x) -> bool:
+    """False (and one warning per layer) when ``x`` holds NaN/inf: warm-start factors computed from it would be
+    NaN and poison every later step, so the caller keeps its previous factors instead."""
+    if bool(torch.isfinite(x).all()):
+        return True
+    if not getattr(method, "_warned_nonfinite", False):
+        method._warned_nonfinite = True
+        warnings.warn(f"layer {method.layer_name!r}: non-finite (NaN/inf) input to {method.name}; this step's gradient "
+                      f"is non-finite and the warm-start factors of the previous step are kept (warned once per "
+                      f"layer)", RuntimeWarning, stacklevel=4)
+    return False
 
 
 def _check_ranks(layer_name, ranks):

@@ -189,7 +189,14 @@ def load_imagenet_weights(name: str, model: nn.Module) -> Path:
                 f"(or set ASI_CKPT_DIR to the folder holding imagenet/{spec.weights_file}); "
                 f"or pass --model.pretrained false to train from random weights on purpose."
             ) from err
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"ImageNet weights file {path} ({path.stat().st_size} bytes) for model {name!r} is unreadable: truncated "
+            f"or corrupt ({type(err).__name__}: {first}). Delete it and run again to download it anew, or put a good "
+            f"copy of {spec.weights_url} there (ckpts/README.md)") from None
     if isinstance(sd, dict) and "state_dict" in sd:  # MCUNet release wraps the weights
         sd = sd["state_dict"]
     model.load_state_dict(sd, strict=True)

@@ -182,6 +182,45 @@ def train_val_split(indices: Sequence[int], val_fraction: float, seed: int) -> t
     return sorted(idx[n_val:].tolist()), sorted(idx[:n_val].tolist())
 
 
+MIN_RESOLUTION = 8  # the digits' own size; below it an image has fewer pixels than the smallest dataset
+
+
+def check_data_options(batch_size: int = 64, resolution: int = 224, val_fraction: float = 0.2, num_workers: int = 0,
+                       num_shards: int = 20, **_) -> None:
+    """ValueError naming the option, the value and the valid range, before any data is loaded."""
+    def isint(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def bad(option, value, valid):
+        raise ValueError(f"--data.{option} {value!r} is invalid: {valid}")
+
+    if not isint(batch_size) or batch_size < 1:
+        bad("batch_size", batch_size, "it must be an integer >= 1 (samples per process and step)")
+    if not isint(resolution) or resolution < MIN_RESOLUTION:
+        bad("resolution", resolution, f"it must be an integer >= {MIN_RESOLUTION} (square input side in pixels)")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not (0 < val_fraction < 1):
+        bad("val_fraction", val_fraction, "it must be in (0, 1): both the train and the val split need samples")
+    if not isint(num_workers) or num_workers < 0:
+        bad("num_workers", num_workers, "it must be an integer >= 0")
+    if not isint(num_shards) or num_shards < 2 or num_shards % 2:
+        bad("num_shards", num_shards, "it must be an even integer >= 2")
+
+
+class EpochSampler(torch.utils.data.RandomSampler):
+    """A random order drawn from ``(seed, epoch)`` alone: Lightning calls ``set_epoch`` at each epoch start, so a run
+    resumed at an epoch boundary sees exactly the batches an uninterrupted run sees (a plain RandomSampler draws from
+    the global RNG, whose state a checkpoint does not keep)."""
+
+    def __init__(self, data_source, seed: int = 0):
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed, self.epoch = int(seed), 0
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+
+
 class TransformSubset(Dataset):
     """A subset of a base dataset with its own image transform (train and val share one pool)."""
 
@@ -240,6 +279,8 @@ class ClassificationData(pl.LightningDataModule):
             download: Let torchvision download the dataset when it is missing (needs internet).
         """
         super().__init__()
+        check_data_options(batch_size, resolution, val_fraction, num_workers, num_shards)
+        self.save_hyperparameters()  # into checkpoints: a resume is checked against the data it was trained on
         self.spec = get_dataset_spec(name)
         self.name, self.root, self.setup_name, self.half = name, Path(root), setup, half
         self.partition_file, self.num_shards = partition_file, num_shards
@@ -291,6 +332,10 @@ class ClassificationData(pl.LightningDataModule):
                                     source=str(self.partition_file or "computed")))
             indices = halves[self.half - 1]
         train_idx, val_idx = train_val_split(indices, self.val_fraction, self.split_seed)
+        if not train_idx or not val_idx:
+            raise ValueError(f"--data.val_fraction {self.val_fraction} leaves {len(train_idx)} training and "
+                             f"{len(val_idx)} validation samples of {len(indices)}: choose a fraction that leaves "
+                             f"samples in both")
         is_tensor = self.name == "digits"
         t_train = None if is_tensor else image_transforms(self.resolution, True)
         t_eval = None if is_tensor else image_transforms(self.resolution, False)
@@ -300,7 +345,9 @@ class ClassificationData(pl.LightningDataModule):
         self._built = True
 
     def _loader(self, ds, shuffle: bool):
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        sampler = EpochSampler(ds, torch.initial_seed() % 2**31) if shuffle else None  # seed_everything's seed
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, shuffle=False if shuffle else None,
+                          num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
                           drop_last=False)
 

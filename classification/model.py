@@ -15,7 +15,7 @@ from typing import List, Literal, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -33,14 +33,39 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 _BN = nn.modules.batchnorm._BatchNorm
+
+
+class RandomBackboneWarning(UserWarning):
+    """Fine-tuning a few layers on top of a random, frozen backbone (profile/benchmark do it on purpose and
+    silence this category)."""
 ASI_DEFAULT_RANKS = 4  # --model.ranks when neither ranks nor a perplexity file is given
 
 
-def _torch_load(path: str | Path):
+def load_checkpoint_file(path: str | Path, what: str = "--model.checkpoint"):
+    """``torch.load`` of a user-given checkpoint, with errors that name the file and the option it came from.
+
+    Plain tensors first (``weights_only``); older Lightning checkpoints pickle hyper-parameter objects, so a file
+    that only loads fully is accepted too (a local file the user named). A missing, truncated or foreign file
+    raises FileNotFoundError / ValueError saying which file and what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # older Lightning checkpoints pickle hyper-parameter objects; local, user-given file
+    except Exception:
+        pass
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{what} {path} ({path.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is "
+                         f"truncated, corrupt or another kind of file ({type(err).__name__}: {first}). Re-create or "
+                         f"re-download it, or point {what} to another file") from None
+
+
+def _torch_load(path: str | Path):
+    return load_checkpoint_file(path, "--model.checkpoint")
 
 
 def load_checkpoint_weights(net: nn.Module, path: str | Path, head: str) -> list[str]:
@@ -130,6 +155,52 @@ def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], p
                                            "num_batches")}}
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_model_options(method: str = "vanilla", num_finetune="all", ranks=None, eps: float = 0.8, radius: int = 2,
+                        lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 1e-4, warmup_epochs: int = 0,
+                        **_) -> list[str]:
+    """Check the numbers of the model options before anything is built: ValueError naming the option, the value and
+    the valid range. Returns warnings for options set away from their default that ``method`` ignores."""
+    def bad(option, value, valid):
+        raise ValueError(f"--model.{option} {value!r} is invalid: {valid}")
+
+    if num_finetune != "all" and (not _is_int(num_finetune) or num_finetune < 1):
+        bad("num_finetune", num_finetune, "it must be an integer >= 1 or 'all'")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (math.isfinite(lr) and lr > 0):
+        bad("lr", lr, "it must be a finite number > 0")
+    if not isinstance(momentum, (int, float)) or not (0 <= momentum < 1):
+        bad("momentum", momentum, "it must be in [0, 1)")
+    if not isinstance(weight_decay, (int, float)) or not (math.isfinite(weight_decay) and weight_decay >= 0):
+        bad("weight_decay", weight_decay, "it must be a finite number >= 0")
+    if not _is_int(warmup_epochs) or warmup_epochs < 0:
+        bad("warmup_epochs", warmup_epochs, "it must be an integer >= 0")
+    used = METHOD_OPTIONS.get(method, ())
+    if "eps" in used and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps <= 1)):
+        bad("eps", eps, "hosvd's explained-variance threshold must be in (0, 1]")
+    if "radius" in used and (not _is_int(radius) or radius < 1):
+        bad("radius", radius, "gradfilter's patch radius must be an integer >= 1")
+    if "ranks" in used and ranks is not None:
+        flat = [ranks] if _is_int(ranks) else [r for t in ranks for r in t] if isinstance(ranks, (list, tuple)) \
+            and all(isinstance(t, (list, tuple)) for t in ranks) else None
+        if flat is None or not all(_is_int(r) and r >= 1 for r in flat):
+            bad("ranks", ranks, "asi ranks must be one integer >= 1, or one [r1, r2, r3, r4] of integers >= 1 per "
+                                "fine-tuned layer")
+        if not _is_int(ranks) and any(len(t) != 4 for t in ranks):
+            bad("ranks", ranks, "a conv layer's input has 4 modes (B, C, H, W): give 4 ranks per layer")
+    warnings_ = []
+    defaults = {"eps": 0.8, "radius": 2, "ranks": None}
+    given = {"eps": eps, "radius": radius, "ranks": ranks}
+    for option, value in given.items():
+        if option not in used and value != defaults[option]:
+            owners = [m for m, opts in METHOD_OPTIONS.items() if option in opts]
+            warnings_.append(f"--model.{option} {value!r} is ignored by --model.method {method} (it applies to "
+                             f"{', '.join(owners)})")
+    return warnings_
+
+
 class ClassificationModel(pl.LightningModule):
     def __init__(
         self,
@@ -192,6 +263,17 @@ class ClassificationModel(pl.LightningModule):
         self.save_hyperparameters()
         if method not in asi_core.METHODS:
             raise ValueError(f"Unknown method {method!r}; valid choices: {', '.join(asi_core.METHODS)}")
+        for msg in check_model_options(method, num_finetune, ranks, eps, radius, lr, momentum, weight_decay,
+                                       warmup_epochs):
+            rank_zero_warn(msg)
+        if not pretrained and checkpoint is None and num_finetune != "all":
+            rank_zero_warn(
+                f"--model.pretrained false and no --model.checkpoint: the backbone is randomly initialised and "
+                f"frozen, so only the last {num_finetune} layer(s) and the head learn, on random features (with "
+                f"BatchNorm in eval mode these are nearly constant: expect chance accuracy). Train everything with "
+                f"--model.num_finetune all, or start from pretrained weights (--model.pretrained true or a setup-B "
+                f"--model.checkpoint)", category=RandomBackboneWarning)
+        self.nonfinite_steps = 0  # training steps whose loss was NaN/inf (metrics.json, "diverged")
         spec = get_spec(backbone)
         self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None)
         if checkpoint is not None:
@@ -252,7 +334,29 @@ class ClassificationModel(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train", self.train_acc)
+        loss = self._step(batch, "train", self.train_acc)
+        if not torch.isfinite(loss):
+            self.nonfinite_steps += 1
+        return loss
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, with a message that says what to do when compression buffers do not match: a
+        checkpoint of a model patched with another method (or an unpatched one)."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            own = set(self.state_dict())
+            extra = sorted(k for k in state_dict if k not in own)
+            missing = sorted(k for k in own if k not in state_dict)
+            if not any(".method." in k for k in extra + missing):
+                raise
+            raise RuntimeError(
+                f"the checkpoint's compression buffers do not match this model (--model.method "
+                f"{self.hparams.method}, --model.num_finetune {self.hparams.num_finetune}): unexpected keys "
+                f"{extra[:4]}{' ...' if len(extra) > 4 else ''}, missing keys {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}. Load it into a model built with the checkpoint's own method and "
+                f"num_finetune (its run's config.yaml), or start from its weights only with --model.checkpoint, "
+                f"which ignores compression buffers") from err
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val", self.val_acc)
