@@ -261,7 +261,7 @@ class ASICLI(LightningCLI):
                                                                         d.resolution)
             self.run_dir = run_dir(cfg.run_root, d.setup, m.backbone, d.name, kind, exp)
             cfg.trainer.default_root_dir = str(self.run_dir)
-        if self.subcommand in (None, "fit"):
+        if self.subcommand == "fit":  # (None: run=False, the classes are built and nothing runs)
             self._prepare_fit(cfg)
         elif self.subcommand in ("validate", "test"):
             self._prepare_evaluation(cfg)
