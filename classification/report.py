@@ -42,7 +42,7 @@ METHOD_ORDER = ("vanilla", "gradfilter", "hosvd", "asi")
 CSV_COLUMNS = ("method", "num_finetune", "accuracy", "activation_mib", "gflops",
                "setup", "model", "dataset", "label", "final_accuracy", "best_accuracy", "accuracy_source",
                "gflops_source", "mem_peak", "gflops_peak", "measured_activation_mib", "train_gflops", "paper_gflops", "forward_gflops",
-               "backward_gflops", "overhead_gflops", "runs", "run_dir")
+               "backward_gflops", "overhead_gflops", "runs", "run_dir", "status")
 MISSING = "–"
 PathLike = Union[str, Path]
 
@@ -157,6 +157,9 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
         "forward_gflops": _num(res.get("forward_gflops")), "backward_gflops": _num(res.get("backward_gflops")),
         "overhead_gflops": _num(res.get("overhead_gflops")),
         "run_dir": str(path.parent),
+        # "finished", "diverged" (a non-finite loss: its accuracy is not a result), "running"/"interrupted"; old files
+        # without the key: "finished" when fit ended
+        "status": str(data.get("status") or ("finished" if "epochs_completed" in data else "unfinished")),
         # which of several runs of one configuration to show: a finished fit first, then the newest file
         "_recency": ("epochs_completed" in data or final is not None or best is not None, path.stat().st_mtime),
     }
@@ -210,7 +213,7 @@ def collect(run_dirs: Union[PathLike, Sequence[PathLike]], accuracy: Literal["fi
             continue
         order = ("final_accuracy", "best_accuracy") if accuracy == "final" else ("best_accuracy", "final_accuracy")
         source = next((k for k in order if row[k] is not None), None)
-        row["accuracy"] = row[source] if source else None
+        row["accuracy"] = row[source] if source and row["status"] != "diverged" else None
         row["accuracy_source"] = {"final_accuracy": "val_acc", "best_accuracy": "best_val_acc"}.get(source)
         key = (row["setup"], row["model"], row["dataset"], row["method"], row["label"], str(row["num_finetune"]))
         old = best.get(key)
@@ -262,7 +265,12 @@ def _md(rows: Sequence[dict]) -> str:
             n = "All" if r["num_finetune"] == "all" else MISSING if r["num_finetune"] is None else r["num_finetune"]
             name = r["label"] if r["label"] != prev else ""
             prev = r["label"]
-            lines.append(f"| {name} | {n}{mark} | {_fmt(r['accuracy'])} | {_fmt(r['activation_mib'])} | "
+            acc = _fmt(r["accuracy"]) if r.get("status") != "diverged" else "diverged"
+            if r.get("status") == "diverged":
+                notes.append(f"{r['label']}, {r['num_finetune']} layers diverged (non-finite loss; {r['run_dir']}): "
+                             f"no accuracy to report.")
+                mark += f"<sup>{len(notes)}</sup>"
+            lines.append(f"| {name} | {n}{mark} | {acc} | {_fmt(r['activation_mib'])} | "
                          f"{_fmt(r['gflops'])} |")
         lines.append("")
         peaks = [what for what, key in (("activation memory", "mem_peak"), ("GFLOPs", "gflops_peak"))
