@@ -378,7 +378,12 @@ class ASICLI(LightningCLI):
                     self._error(f"--resume: {self.run_dir} holds a run ({self._describe_run()}) made with other "
                                 f"settings (run -> command): " + "; ".join(settings_diff(old_settings, new_settings))
                                 + ". Redo it with --overwrite true, or name another run (--exp_name / --run_root)")
-            elif old.get("status") == "finished" or (old_settings is None and "epochs_completed" in old):
+            elif old_settings is None and "epochs_completed" in old:
+                if launcher:
+                    self._error(f"--resume: {self.run_dir} holds a finished run that recorded no settings (made "
+                                f"before they were kept); whether it matches this command cannot be told. Keep it "
+                                f"(leave it out of the sweep) or redo it with --overwrite true")
+            elif old.get("status") == "finished":
                 if launcher:
                     print(f"done: {self.run_dir} already finished with these settings (metrics.json); nothing to do",
                           file=sys.stderr)

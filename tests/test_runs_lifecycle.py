@@ -74,8 +74,9 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(run_c
     run = run_path(tmp_path, "killed")
     saved = load(run / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 3 and metrics(run)["status"] == "running"
-    # the same command, told to resume: it starts at step 3 with the saved weights and warm-start buffers ...
-    cli = run_cli("fit", *ASI, "--exp_name", "killed", "--trainer.max_epochs", "2", "--ckpt_path", "last",
+    # the same command, told to resume (as the sweeps do): it starts at step 3 with the saved weights and
+    # warm-start buffers ...
+    cli = run_cli("fit", *ASI, "--exp_name", "killed", "--trainer.max_epochs", "2", "--resume", "true",
                   cli_class=Probe)
     assert cli.seen["step"] == 3
     for k, v in cli.seen["buffers"].items():
@@ -182,3 +183,27 @@ def test_setup_b_export_is_never_replaced_silently_and_finetuning_records_it(run
     init = metrics(ft.run_dir)["init_checkpoint"]
     assert init == {"path": str(export.resolve()), "sha256": hashlib.sha256(before).hexdigest(),
                     "source_run": "/elsewhere/pretrain"}
+
+
+# ------------------------------------------------------------------------------------------ problem 6
+def test_sweeps_count_a_run_as_done_only_with_the_requested_settings(tmp_path):
+    from test_scripts import fake_python, sh
+
+    runs, log = tmp_path / "runs", tmp_path / "log"
+    env = {"PYTHON": str(fake_python(tmp_path)), "FAKE_LOG": str(log), "MODELS": "mcunet", "DATASETS": "pets",
+           "SETUPS": "A", "LAYERS": "2", "RUN_ROOT": str(runs), "DATA_ROOT": str(tmp_path / "data")}
+    quick = {**env, "EXTRA_ARGS": "--trainer.max_epochs 2"}
+    command = next(c for c in sh("baselines", env={**quick, "DRY_RUN": "1"}).stdout.splitlines()
+                   if "--exp_name l2 " in c)
+    run = runs / "setupA/mcunet/pets/vanilla/l2"
+    run.mkdir(parents=True)  # the quick pass finished this run
+    (run / "metrics.json").write_text(json.dumps({"status": "finished", "epochs_completed": 2}, indent=2))
+    (run / "sweep_command.txt").write_text(command + "\n")
+    assert "skip (done): " + str(run / "metrics.json") in sh("baselines", env={**quick, "DRY_RUN": "1"}).stderr
+    # 50 epochs asked: not done; main.py is asked to --resume, which compares the resolved settings
+    full = sh("baselines", env={**env, "EXTRA_ARGS": "--trainer.max_epochs 50", "DRY_RUN": "1"})
+    line = next(c for c in full.stdout.splitlines() if "--exp_name l2 " in c)
+    assert "--resume true" in line and line.endswith("--trainer.max_epochs 50")
+    assert "skip (done): " + str(run / "metrics.json") not in full.stderr
+    redo = sh("baselines", env={**env, "EXTRA_ARGS": "--trainer.max_epochs 50", "DRY_RUN": "1", "OVERWRITE": "1"})
+    assert all("--overwrite true" in c and "--resume" not in c for c in redo.stdout.splitlines() if "main.py fit" in c)

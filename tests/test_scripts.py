@@ -100,8 +100,12 @@ def test_finished_runs_are_skipped_and_the_rest_run(tmp_path):
     ppl.parent.mkdir(parents=True)
     ppl.write_text("{}")
     asi = runs / "setupA/mcunet/cifar10/asi"
-    (asi / "l2_budgethosvd@0.8").mkdir(parents=True)
-    (asi / "l2_budgethosvd@0.8/metrics.json").write_text(json.dumps({"epochs_completed": 50, "val_acc": 0.9}))
+    commands = sh("asi_setupA", env={**env, "DRY_RUN": "1"}).stdout.splitlines()
+    assert len(commands) == 2 and all("--resume true" in c for c in commands)
+    (asi / "l2_budgethosvd@0.8").mkdir(parents=True)  # finished, by this very command
+    (asi / "l2_budgethosvd@0.8/metrics.json").write_text(json.dumps({"status": "finished", "val_acc": 0.9}, indent=2))
+    (asi / "l2_budgethosvd@0.8/sweep_command.txt").write_text(
+        next(c for c in commands if "l2_budget" in c) + "\n")
     (asi / "l4_budgethosvd@0.8").mkdir(parents=True)  # an interrupted run: a callback's keys, fit never ended
     (asi / "l4_budgethosvd@0.8/metrics.json").write_text(json.dumps({"resources": {"activation_mib": 0.4}}))
 
