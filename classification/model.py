@@ -266,13 +266,19 @@ class ClassificationModel(pl.LightningModule):
         for msg in check_model_options(method, num_finetune, ranks, eps, radius, lr, momentum, weight_decay,
                                        warmup_epochs):
             rank_zero_warn(msg)
-        if not pretrained and checkpoint is None and num_finetune != "all":
+        if not pretrained and checkpoint is None and (num_finetune != "all" or set_bn_eval):
+            why = []
+            if num_finetune != "all":
+                why.append(f"only the last {num_finetune} layer(s) and the head learn, on top of a randomly "
+                           f"initialised and frozen backbone")
+            if set_bn_eval:
+                why.append("BatchNorm stays in eval mode with its initial statistics, so the features shrink layer "
+                           "by layer (to ~1e-10) and are nearly the same for every input")
             rank_zero_warn(
-                f"--model.pretrained false and no --model.checkpoint: the backbone is randomly initialised and "
-                f"frozen, so only the last {num_finetune} layer(s) and the head learn, on random features (with "
-                f"BatchNorm in eval mode these are nearly constant: expect chance accuracy). Train everything with "
-                f"--model.num_finetune all, or start from pretrained weights (--model.pretrained true or a setup-B "
-                f"--model.checkpoint)", category=RandomBackboneWarning)
+                "--model.pretrained false and no --model.checkpoint: " + "; ".join(why) + ". Expect chance accuracy. "
+                "Train from scratch with --model.num_finetune all --model.set_bn_eval false, or fine-tune from "
+                "pretrained weights (--model.pretrained true, or a setup-B --model.checkpoint)",
+                category=RandomBackboneWarning)
         self.nonfinite_steps = 0  # training steps whose loss was NaN/inf (metrics.json, "diverged")
         spec = get_spec(backbone)
         self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None)

@@ -148,14 +148,17 @@ def test_options_the_method_ignores_are_named_in_a_warning():
         ClassificationModel(pretrained=False, method="vanilla", num_finetune="all", eps=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ClassificationModel(pretrained=False, method="hosvd", num_finetune="all", eps=0.5)
+        ClassificationModel(pretrained=False, method="hosvd", num_finetune="all", eps=0.5, set_bn_eval=False)
 
 
 # ------------------------------------------------------------------------------------------ problem 9
 def test_a_few_layers_on_a_random_frozen_backbone_warn_that_only_they_learn():
-    with pytest.warns(RandomBackboneWarning, match=r"randomly initialised and frozen, so only the last 2 layer\(s\) "
-                                                   r"and the head learn.*--model.num_finetune all"):
-        ClassificationModel(pretrained=False, method="vanilla", num_finetune=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RandomBackboneWarning)
+    with pytest.warns(RandomBackboneWarning, match=r"only the last 2 layer\(s\) and the head learn, on top of a "
+                                                   r"randomly initialised and frozen backbone.*--model.num_finetune all"):
+        ClassificationModel(pretrained=False, method="vanilla", num_finetune=2, set_bn_eval=False)
+    with pytest.warns(RandomBackboneWarning, match=r"BatchNorm stays in eval mode with its initial statistics.*"
+                                                   r"--model.set_bn_eval false"):
         ClassificationModel(pretrained=False, method="vanilla", num_finetune="all")
+    with warnings.catch_warnings():  # training from scratch (the README's offline example): no warning
+        warnings.simplefilter("error", RandomBackboneWarning)
+        ClassificationModel(pretrained=False, method="vanilla", num_finetune="all", set_bn_eval=False)
