@@ -35,7 +35,13 @@ vanilla      B*C*H*W                      kh*kw*(C/g)*C'*B*H'*W' (eq. 16)  0
 gradfilter   C*P                          C'*(C/g)*P                       B*C*H'*W' + B*C'*H'*W'
 hosvd        prod r + sum D_m r_m (eq. 5) eq. 15 with groups               eq. 11 (+ core_flops)
 asi          prod r + sum D_m r_m (eq. 5) eq. 15 with groups               eq. 14 (+ core_flops)
+gradfilter_  C*P (input-patch sums)       C'*(C/g)*P                       B*C*H*W + B*C'*H'*W'
+paper                                                                      + C'*(C/g)*(kh*kw - 1)
 ============ ============================ ================================ =========================
+
+gradfilter_paper (the authors' op, asi_core/conv.py) has its own input gradient, (C/g)*C'*P MACs
+(:func:`gradfilter_paper_input_grad_flops`). The paper's count of both gradient filters (``paper_*``) is the
+authors' code's (:func:`paper_gradfilter_flops`), which reproduces Table 1's gradient-filter column.
 
 Forward FLOPs (all methods): kh*kw*(C/g)*C'*B*H'*W' (eq. 17 counted on the *output* grid and
 divided by the groups; :func:`paper_forward_flops` gives eq. 17 literally).
@@ -51,8 +57,9 @@ over the channels of o's group: C'*(C/g)*P MACs, broadcast over the kh x kw taps
 Overhead = one addition per pooled element: B*C*H'*W' centre samples + B*C'*H'*W' gradient
 entries (the division of the mean, C'*P, is ignored). The input gradient is the exact conv input
 gradient of the broadcast g_bar: the same count as the other methods. On a Linear layer
-(``asi_core/linear.py``) the rows (2-D input) or tokens (3-D input, the second-to-last mode L)
-are pooled in patches of R: P = prod(leading modes but L) * ceil(L/R), memory D*P, weight gradient
+(``asi_core/linear.py``) the rows (2-D input), tokens (3-D input, the second-to-last mode L) or the
+spatial modes H, W of a (B, H, W, C) input are pooled in patches of R per pooled mode:
+P = prod(other leading modes) * prod(ceil(L/R) over pooled modes), memory D*P, weight gradient
 out*D*P, overhead = input + output elements.
 
 Why our FLOPs differ from the paper's tables
@@ -129,10 +136,12 @@ __all__ = [
     "weight_grad_flops", "paper_weight_grad_flops", "lowrank_conv_weight_grad_flops",
     "lowrank_linear_weight_grad_flops",
     "hosvd_overhead_flops", "asi_overhead_flops", "gradfilter_overhead_flops", "overhead_flops",
+    "gradfilter_paper_overhead_flops", "gradfilter_paper_input_grad_flops", "paper_gradfilter_flops",
     "core_flops", "layer_report", "report_from_layer", "summarize", "worked_example",
 ]
 
-METHODS = ("vanilla", "gradfilter", "hosvd", "asi")  # same names as asi_core.METHODS
+METHODS = ("vanilla", "gradfilter", "hosvd", "asi", "gradfilter_paper")  # same names as asi_core.METHODS
+GRADFILTERS = ("gradfilter", "gradfilter_paper")
 MIB = 2 ** 20
 GIGA = 1e9
 
@@ -294,13 +303,14 @@ def tucker_elements(dims: Sequence[int], ranks: RanksLike, count_whole_modes: bo
 
 
 def gradfilter_positions(geometry: Geometry, radius: int) -> int:
-    """Pooled positions per channel: B*ceil(H'/R)*ceil(W'/R) for a conv (R x R output patches),
-    prod(leading modes)*ceil(L/R) for a Linear input (..., L, D) (see the module docstring)."""
+    """Pooled positions per channel: B*ceil(H'/R)*ceil(W'/R) for a conv (R x R output patches);
+    for a Linear input (..., D) the leading modes with the pooled ones (``LinearOps.pooled_modes``: L of
+    (N or B, L, D), H and W of (B, H, W, C)) divided by R and rounded up (see the module docstring)."""
     if radius is None or isinstance(radius, bool) or int(radius) < 1:
         raise ValueError(f"gradfilter needs an integer radius >= 1, got {radius!r}")
     if isinstance(geometry, LinearGeometry):
-        shape = geometry.input_shape
-        return math.prod(shape[:-2]) * math.ceil(shape[-2] / radius)
+        from .linear import LinearOps
+        return LinearOps.filtered_elements(geometry.input_shape, int(radius)) // geometry.in_features
     B, _, Hp, Wp = geometry.output_shape
     return B * math.ceil(Hp / radius) * math.ceil(Wp / radius)
 
@@ -320,7 +330,7 @@ def activation_elements(method: str, geometry: Geometry, ranks: RanksLike = None
     dims = geometry.input_shape
     if method == "vanilla":
         return math.prod(dims)
-    if method == "gradfilter":
+    if method in GRADFILTERS:  # gradfilter_paper: B*C*P input-patch sums (same P)
         return _channels(geometry)[0] * gradfilter_positions(geometry, radius)
     return tucker_elements(dims, ranks)
 
@@ -401,7 +411,7 @@ def weight_grad_flops(method: str, geometry: Geometry, ranks: RanksLike = None,
     method = _check_method(method)
     if method == "vanilla":
         return forward_flops(geometry)  # eq. 16 with groups: same MACs as the forward
-    if method == "gradfilter":
+    if method in GRADFILTERS:
         _, c_out, c_group = _channels(geometry)
         return c_out * c_group * gradfilter_positions(geometry, radius)
     if isinstance(geometry, LinearGeometry):
@@ -412,7 +422,8 @@ def weight_grad_flops(method: str, geometry: Geometry, ranks: RanksLike = None,
 def paper_weight_grad_flops(method: str, geometry: Geometry, ranks: RanksLike = None,
                             radius: Optional[int] = None) -> int:
     """The paper's counts as written (groups ignored): vanilla eq. 16 D^2*C*C'*B*H'*W'; hosvd/asi
-    eq. 15 with all five terms; gradfilter (no formula in the paper) C'*C*P. For Linear
+    eq. 15 with all five terms; gradfilter and gradfilter_paper: the authors' code's count (see
+    :func:`paper_gradfilter_flops`; the paper gives no formula). For Linear
     there is nothing to ignore: same as :func:`weight_grad_flops`."""
     method = _check_method(method)
     if isinstance(geometry, LinearGeometry):
@@ -422,8 +433,8 @@ def paper_weight_grad_flops(method: str, geometry: Geometry, ranks: RanksLike = 
     k = geometry.kernel_area
     if method == "vanilla":
         return k * C * Cp * B * Hp * Wp
-    if method == "gradfilter":
-        return Cp * C * gradfilter_positions(geometry, radius)
+    if method in GRADFILTERS:
+        return paper_gradfilter_flops(geometry, radius)["backward"]
     r1, r2, r3, r4 = clip_ranks(geometry.input_shape, ranks)
     return (r1 * B * Cp * Hp * Wp + r1 * r2 * r3 * r4 * H + r1 * r2 * r4 * H * W
             + r1 * r2 * Cp * Hp * Wp * k + r2 * Cp * C * k)
@@ -453,6 +464,43 @@ def gradfilter_overhead_flops(geometry: Geometry) -> int:
     return B * C * math.prod(geometry.output_shape[2:]) + math.prod(geometry.output_shape)
 
 
+def gradfilter_paper_overhead_flops(geometry: Geometry) -> int:
+    """gradfilter_paper, counted correctly: one addition per input element for the (R*s)^2 input-patch
+    sums (B*C*H*W), one per output-gradient element for the patch means (B*C'*H'*W'), and the
+    summed kernel W_bar = sum over taps (C'*(C/g)*(kh*kw - 1))."""
+    B, C, H, W = geometry.input_shape
+    return B * C * H * W + math.prod(geometry.output_shape) + (
+        geometry.out_channels * geometry.channels_per_group * (geometry.kernel_area - 1))
+
+
+def gradfilter_paper_input_grad_flops(geometry: Geometry, radius: int, input_requires_grad: bool = True) -> int:
+    """gradfilter_paper's input gradient: W_bar^T g_bar per pooled position, (C/g)*C'*P MACs (the broadcast over
+    each input patch is free); 0 when the input needs no gradient."""
+    if not input_requires_grad:
+        return 0
+    return geometry.channels_per_group * geometry.out_channels * gradfilter_positions(geometry, radius)
+
+
+def paper_gradfilter_flops(geometry: Geometry, radius: int) -> dict:
+    """The authors' code's FLOPs for one gradient-filtered conv (their ``get_activation_size``; the paper
+    prints no formula), with H, W the input and H', W' the output size, K = kh*kw:
+
+    - forward: eq. 17 as written, K*C*C'*B*H*W, plus the pooling overhead (H/R)*(W/R)*(R^2-1)*C*B;
+    - backward: B*C'*(H'/R)*(W'/R) (filtering the gradient) + C'*C*(K-1) (summing the kernel)
+      + B*C'*(H'/R)*(W'/R) (scalar products) + K*C*C'*B*H*W (a full vanilla-size "Frobenius" term).
+
+    The divisions are exact (H/R need not be whole); the totals are rounded to an integer here.
+    Returns {"forward", "overhead", "backward"}: "overhead" is the pooling term, "forward" eq. 17.
+    This is how Table 1's gradient-filter GFLOPs arise (tests reproduce MCUNet and ResNet-18)."""
+    gradfilter_positions(geometry, radius)  # validates the radius
+    B, C, H, W = geometry.input_shape
+    _, Cp, Hp, Wp = geometry.output_shape
+    K, R = geometry.kernel_area, radius
+    overhead = (H * W * (R * R - 1) * C * B) / (R * R)
+    backward = 2 * B * Cp * Hp * Wp / (R * R) + Cp * C * (K - 1) + K * C * Cp * B * H * W
+    return {"forward": paper_forward_flops(geometry), "overhead": round(overhead), "backward": round(backward)}
+
+
 def core_flops(dims: Sequence[int], ranks: RanksLike) -> int:
     """MACs of the core S = A x_1 U1^T x_2 U2^T ... over the compressed modes, in the cheapest order.
     Neither eq. 11 nor eq. 14 includes it. Each product costs size(current tensor) * r_m; swapping
@@ -476,6 +524,8 @@ def overhead_flops(method: str, geometry: Geometry, ranks: RanksLike = None,
         return 0
     if method == "gradfilter":
         return gradfilter_overhead_flops(geometry)
+    if method == "gradfilter_paper":
+        return gradfilter_paper_overhead_flops(geometry)
     if method == "hosvd":
         return hosvd_overhead_flops(geometry.input_shape)
     return asi_overhead_flops(geometry.input_shape, ranks)
@@ -511,13 +561,13 @@ def layer_report(method: str, geometry: Geometry, ranks: RanksLike = None, eps: 
         core = core_flops(geometry.input_shape, ranks)
     else:
         ranks, core = None, 0
-    if method == "gradfilter":
+    if method in GRADFILTERS:
         gradfilter_positions(geometry, radius)  # validates radius up front
     elements = activation_elements(method, geometry, ranks, radius)
     return {
         "method": method,
         "eps": eps if method == "hosvd" else None,
-        "radius": radius if method == "gradfilter" else None,
+        "radius": radius if method in GRADFILTERS else None,
         "input_shape": tuple(geometry.input_shape),
         "output_shape": tuple(geometry.output_shape),
         "ranks": ranks,
@@ -527,9 +577,13 @@ def layer_report(method: str, geometry: Geometry, ranks: RanksLike = None, eps: 
         "backward_flops": weight_grad_flops(method, geometry, ranks, radius),
         "overhead_flops": overhead_flops(method, geometry, ranks, radius),
         "core_flops": core,
-        "input_grad_flops": input_grad_flops(geometry, input_requires_grad),
+        "input_grad_flops": (gradfilter_paper_input_grad_flops(geometry, radius, input_requires_grad)
+                             if method == "gradfilter_paper" else input_grad_flops(geometry, input_requires_grad)),
         "paper_forward_flops": paper_forward_flops(geometry),
         "paper_backward_flops": paper_weight_grad_flops(method, geometry, ranks, radius),
+        "paper_overhead_flops": (paper_gradfilter_flops(geometry, radius)["overhead"]
+                                 if method in GRADFILTERS and isinstance(geometry, ConvGeometry)
+                                 else overhead_flops(method, geometry, ranks, radius)),
     }
 
 
@@ -571,8 +625,8 @@ def summarize(reports: Union[Iterable[Mapping], Mapping[str, Mapping]]) -> dict:
     }
     out["total_gflops"] = (out["forward_gflops"] + out["backward_gflops"] + out["overhead_gflops"]
                            + out["core_gflops"] + out["input_grad_gflops"])
-    out["paper_gflops"] = (tot("paper_forward_flops") + tot("paper_backward_flops")
-                           + tot("overhead_flops")) / GIGA
+    paper_overhead = sum(r.get("paper_overhead_flops", r["overhead_flops"]) for r in reps)
+    out["paper_gflops"] = (tot("paper_forward_flops") + tot("paper_backward_flops") + paper_overhead) / GIGA
     return out
 
 

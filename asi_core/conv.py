@@ -118,3 +118,59 @@ class ConvOps:
     def filtered_elements(self, input_shape, radius):
         h, w = self.output_hw(input_shape[-2:])
         return input_shape[0] * input_shape[1] * math.ceil(h / radius) * math.ceil(w / radius)
+
+    # -- gradient filtering as the paper's code runs it ------------------------------------------
+    # The authors' op (their classification/custom_op/conv2d/conv_avg.py, a copy of Yang et al.'s)
+    # differs from the filter above in three ways, reproduced here for ``gradfilter_paper``:
+    # 1. Patches are *centred*: the output grid is padded by ceil((P·R − H')/2) before being cut into
+    #    P = ceil(H'/R) patches of R (on 7×7 with R = 2 the patches are rows {−1,0}, {1,2}, {3,4},
+    #    {5,6}, ours {0,1}, ..., {6}); ḡ is the mean over the valid entries of each patch.
+    # 2. The input is kept as the sum over the whole (R·s)×(R·s) *input* patch (zero-padded by
+    #    ceil((P·R·s − H)/2) on each side), not over the kernel-centre samples: for stride s > 1 it
+    #    sums s² times more samples.
+    # 3. The input gradient is not the conv's: with W̄ = Σ_taps W (C' × C/g), each input pixel gets
+    #    Σ_o W̄[o, c] ḡ[b, o, p] of the input patch p it falls in.
+    # The weight gradient is Σ_{b,p} ḡ[b, o, p] x̄[b, c, p] on every kernel tap (filter_weight_grad).
+    # Their op handles groups = 1 and depthwise convs; for other groups we apply the same rule per group.
+    def paper_patch_geometry(self, input_hw, radius):
+        """(patches per dim, input patch size per dim, input padding per dim, output-gradient padding
+        per dim) of the paper's gradient filter, or ValueError when their pooling cannot be formed."""
+        out_hw = self.output_hw(input_hw)
+        patches = tuple(math.ceil(h / radius) for h in out_hw)
+        size = tuple(radius * s for s in self.stride)
+        x_pad = tuple(math.ceil((p * k - n) / 2) for p, k, n in zip(patches, size, input_hw))
+        g_pad = tuple(math.ceil((p * radius - h) / 2) for p, h in zip(patches, out_hw))
+        if any(d > 1 and d >= radius for d in self.dilation):
+            raise ValueError(f"gradfilter_paper: dilation {self.dilation} >= radius {radius} is handled by a "
+                             f"different op in the authors' code (Conv2dDilatedOp), not reproduced here; "
+                             f"use --model.method gradfilter")
+        if any(not 0 <= p <= k // 2 for p, k in zip(x_pad, size)):
+            raise ValueError(f"gradfilter_paper: a {tuple(input_hw)} input with output {out_hw} cannot be cut into "
+                             f"{patches} centred input patches of {size} (padding {x_pad}); "
+                             f"use --model.method gradfilter for this layer")
+        pooled = tuple((n + 2 * p - k) // k + 1 for n, p, k in zip(input_hw, x_pad, size))
+        if pooled != patches:
+            raise ValueError(f"gradfilter_paper: a {tuple(input_hw)} input pools to {pooled} input patches but its "
+                             f"output {out_hw} to {patches} gradient patches (the authors' op fails here too); "
+                             f"use --model.method gradfilter for this layer")
+        return patches, size, x_pad, g_pad
+
+    def paper_filter_input(self, x, radius):
+        patches, size, x_pad, _ = self.paper_patch_geometry(tuple(x.shape[-2:]), radius)
+        return F.avg_pool2d(x, size, size, padding=x_pad, divisor_override=1)
+
+    @staticmethod
+    def paper_filter_grad(grad_out, radius, g_pad):
+        return F.avg_pool2d(grad_out, radius, radius, padding=g_pad, count_include_pad=False)
+
+    def paper_filter_input_grad(self, g_bar, weight, input_shape, radius):
+        _, size, x_pad, _ = self.paper_patch_geometry(tuple(input_shape[-2:]), radius)
+        c_out, c_per_group = weight.shape[:2]
+        g = self.groups
+        b, _, ph, pw = g_bar.shape
+        w_sum = weight.sum((2, 3)).reshape(g, c_out // g, c_per_group)
+        gx_sum = torch.einsum("bgop,goc->bgcp", g_bar.reshape(b, g, c_out // g, ph * pw), w_sum)
+        gx_sum = gx_sum.reshape(b, g * c_per_group, ph, pw)
+        gx = gx_sum.repeat_interleave(size[0], 2).repeat_interleave(size[1], 3)
+        h, w = input_shape[-2:]
+        return gx[:, :, x_pad[0]: x_pad[0] + h, x_pad[1]: x_pad[1] + w]

@@ -58,29 +58,42 @@ class CompressedLayer:
     def forward(self, x):
         if not self._compressing():
             return self.plain_forward(x)
-        if x.dim() not in self.input_dims:
-            raise ValueError(f"layer {self.layer_name!r}: expected a {self.input_doc} input, "
-                             f"got shape {tuple(x.shape)}")
+        self.check_input(x)
         return self.method.train_forward(self, x)
 
 
 class CompressedConv2d(CompressedLayer, nn.Conv2d):  # CompressedLayer first: its forward wins
-    input_dims, input_doc = (4,), "4-D (B, C, H, W)"
+    layer_type = "conv"
 
     def __init__(self, conv: nn.Conv2d, method: Method, name: str):
         self._adopt(conv, _CONV_ATTRS, method, name)
         self.ops = ConvOps(conv)
+
+    def check_input(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"layer {self.layer_name!r}: expected a 4-D (B, C, H, W) input, got shape {tuple(x.shape)}")
 
     def plain_forward(self, x):
         return nn.Conv2d.forward(self, x)
 
 
 class CompressedLinear(CompressedLayer, nn.Linear):
-    input_dims, input_doc = (2, 3), "2-D (N, D) or 3-D (B, T, D)"
+    """Any input (..., D) with at least one leading mode: (N, D), (B, T, D), (B, H, W, C) (torchvision's Swin),
+    ...; the method compresses every mode of the actual input (ranks are given per mode)."""
+
+    layer_type = "linear"
 
     def __init__(self, linear: nn.Linear, method: Method, name: str):
         self._adopt(linear, ("in_features", "out_features"), method, name)
         self.ops = LinearOps(linear)
+
+    def check_input(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"layer {self.layer_name!r}: expected an input (..., {self.in_features}) with at least "
+                             f"one leading mode (e.g. (N, D) or (B, T, D)), got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"layer {self.layer_name!r}: the input's last dimension is {x.shape[-1]} but the layer "
+                             f"has in_features={self.in_features} (input shape {tuple(x.shape)})")
 
     def plain_forward(self, x):
         return nn.Linear.forward(self, x)

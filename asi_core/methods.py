@@ -21,7 +21,7 @@ from torch import nn
 
 from .decompose import clip_ranks, hosvd, subspace_iteration
 
-__all__ = ["METHODS", "Method", "register_method", "LowRankFn", "GradFilterFn"]
+__all__ = ["METHODS", "Method", "register_method", "LowRankFn", "GradFilterFn", "PaperGradFilterFn"]
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -93,10 +93,12 @@ class GradFilterFn(torch.autograd.Function):
 
 
 class Method(nn.Module, metaclass=abc.ABCMeta):
-    """Base class. Subclasses set ``name`` and ``option_names`` and implement ``train_forward``."""
+    """Base class. Subclasses set ``name``, ``option_names`` and (when not every layer type)
+    ``layer_types``, and implement ``train_forward``."""
 
     name = ""
     option_names: tuple[str, ...] = ()
+    layer_types: tuple[str, ...] = ("conv", "linear")  # the wrappers' ``layer_type`` this method is defined for
 
     def __init__(self, layer_name: str):
         super().__init__()
@@ -248,6 +250,9 @@ class ASI(_LowRank):
         return [getattr(self, f"factor_{m}") for m in range(MAX_MODES)]
 
     def target_ranks(self, shape) -> tuple[int, ...]:
+        if len(shape) > MAX_MODES:
+            raise ValueError(f"layer {self.layer_name!r}: asi keeps warm-start factors for inputs of up to {MAX_MODES} "
+                             f"modes, got shape {tuple(shape)}; reshape the leading modes together first")
         wanted = (self.ranks,) * len(shape) if isinstance(self.ranks, int) else self.ranks
         if len(wanted) != len(shape):
             raise ValueError(f"layer {self.layer_name!r}: asi ranks {self.ranks} have {len(wanted)} entries but the "
@@ -326,3 +331,53 @@ def _check_ranks(layer_name, ranks):
             raise bad(tuple(ranks))
         return tuple(ranks)
     raise bad(ranks)
+
+
+class PaperGradFilterFn(torch.autograd.Function):
+    """Gradient filtering as the paper's code computes it (conv.py, "as the paper's code runs it"):
+    keeps the (R·s)² input-patch sums; weight and input gradients from the centred patch-mean gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ops, radius):
+        x, weight, bias = _autocast_inputs(ctx, x, weight, bias)
+        y = ops.forward(x, weight, bias)
+        x_sum = ops.paper_filter_input(x, radius)
+        ctx.ops, ctx.radius, ctx.x_shape = ops, radius, x.shape
+        ctx.save_for_backward(weight, x_sum)  # the weight is a parameter: no activation memory
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, x_sum = ctx.saved_tensors
+        ops, radius = ctx.ops, ctx.radius
+        grad_out = grad_out.to(weight.dtype).contiguous()
+        _, _, _, g_pad = ops.paper_patch_geometry(tuple(ctx.x_shape[-2:]), radius)
+        g_bar = ops.paper_filter_grad(grad_out, radius, g_pad)
+        gx = ops.paper_filter_input_grad(g_bar, weight, ctx.x_shape, radius) if ctx.needs_input_grad[0] else None
+        gw = ops.filter_weight_grad(x_sum, g_bar, weight.shape) if ctx.needs_input_grad[1] else None
+        gb = ops.bias_grad(grad_out) if ctx.needs_input_grad[2] else None
+        return (*_grads_in_input_dtypes(ctx, gx, gw, gb), None, None)
+
+
+@register_method
+class GradFilterPaper(GradFilter):
+    """Gradient filtering exactly as the paper's experiments ran it (the authors' ``Conv2dAvgOp``):
+    centred patches, whole (R·s)² input patches summed, the patch-summed weight's input gradient.
+    Conv2d only. ``gradfilter`` is our reading of Yang et al. (kernel-centre samples, exact input
+    gradient of the filtered output gradient); the README lists the differences."""
+
+    name = "gradfilter_paper"
+    layer_types = ("conv",)
+
+    def train_forward(self, layer, x):
+        from .conv import ConvOps
+
+        if not isinstance(layer.ops, ConvOps):
+            raise ValueError(f"layer {self.layer_name!r}: method 'gradfilter_paper' supports Conv2d layers only "
+                             f"(the authors' op is conv-only); use 'gradfilter' for Linear layers")
+        x = layer.ops.prepare(x)
+        layer.ops.paper_patch_geometry(tuple(x.shape[-2:]), self.radius)  # a clear error before the conv
+        y = PaperGradFilterFn.apply(x, layer.weight, layer.bias, layer.ops, self.radius)
+        patches, *_ = layer.ops.paper_patch_geometry(tuple(x.shape[-2:]), self.radius)
+        self._record(layer, x, y, None, x.shape[0] * x.shape[1] * patches[0] * patches[1])
+        return y

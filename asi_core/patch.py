@@ -1,7 +1,9 @@
 """Model-level API: choose layers, wrap them with a method, freeze what comes before, undo it."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+import fnmatch
+import re
+from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
 
@@ -13,12 +15,43 @@ __all__ = ["patch", "unpatch", "patched_layers", "candidate_layers"]
 _LAYER_TYPES = {"conv": (nn.Conv2d, CompressedConv2d), "linear": (nn.Linear, CompressedLinear)}
 
 
-def candidate_layers(model: nn.Module, layer_type: str = "conv") -> list[str]:
-    """Qualified names of the layers ``patch`` can choose from, in registration order."""
+Include = Union[str, Sequence[str], None]
+
+
+def _name_matcher(include: Include):
+    r"""A predicate on qualified layer names. Each pattern is a glob when it holds ``*``, ``?`` or ``[``
+    (matched against the whole name: ``"*.mlp.*"``, ``"layers.2?.mlp.down_proj"``), else a regular expression
+    searched anywhere in the name (``"mlp"`` = names containing mlp, as the authors select transformer layers;
+    ``r"mlp\.(0|3)$"``). A list matches a name when any of its patterns does."""
+    patterns = [include] if isinstance(include, str) else list(include)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"include must be a non-empty pattern or list of patterns (glob or regex), got {include!r}")
+    tests = []
+    for p in patterns:
+        if any(c in p for c in "*?["):
+            tests.append(lambda name, p=p: fnmatch.fnmatchcase(name, p))
+        else:
+            try:
+                rx = re.compile(p)
+            except re.error as err:
+                raise ValueError(f"include pattern {p!r} is not a valid regular expression ({err})") from None
+            tests.append(lambda name, rx=rx: rx.search(name) is not None)
+    return lambda name: any(t(name) for t in tests)
+
+
+def candidate_layers(model: nn.Module, layer_type: str = "conv", include: Include = None) -> list[str]:
+    """Qualified names of the layers ``patch`` can choose from, in registration order: every nn.Conv2d
+    (``layer_type="conv"``) or nn.Linear (``"linear"``), restricted to the names ``include`` matches (a glob
+    or a regex, or a list of them; see :func:`_name_matcher`) when given. Wrappers already patched count as
+    their layer type."""
     if layer_type not in _LAYER_TYPES:
         raise ValueError(f"unknown layer_type {layer_type!r}; valid layer types: {sorted(_LAYER_TYPES)}")
     base = _LAYER_TYPES[layer_type][0]
-    return [n for n, m in model.named_modules() if isinstance(m, base)]
+    names = [n for n, m in model.named_modules() if isinstance(m, base)]
+    if include is not None:
+        keep = _name_matcher(include)
+        names = [n for n in names if keep(n)]
+    return names
 
 
 def patched_layers(model: nn.Module) -> list[tuple[str, CompressedLayer]]:
@@ -27,10 +60,14 @@ def patched_layers(model: nn.Module) -> list[tuple[str, CompressedLayer]]:
 
 def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = None,
           layers: Optional[Iterable[str]] = None, layer_type: str = "conv", lean: Optional[bool] = None,
-          **options) -> list[str]:
+          include: Include = None, **options) -> list[str]:
     """Replace the last ``num_finetune`` Conv2d (or Linear, ``layer_type="linear"``) modules of
     ``model`` in registration order, or the explicitly named ``layers``, by wrappers training with
     ``method``; freeze every parameter registered before the first patched layer.
+
+    ``include`` (a glob or regex, or a list of them) restricts the candidates to matching names before the
+    last ``num_finetune`` are taken: ``patch(vit, "asi", 4, layer_type="linear", include="mlp")`` trains the
+    last 4 linear layers of the MLP blocks (the paper's "#Layers" for transformers).
 
     Options: asi -> ``ranks`` (int, one tuple, or one tuple per layer), ``warm_start``, ``seed``;
     hosvd -> ``eps``; gradfilter -> ``radius``. ``lean`` (default: on for every compressing method,
@@ -40,11 +77,16 @@ def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = N
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
-    candidates = candidate_layers(model, layer_type)
+    candidates = candidate_layers(model, layer_type, include)
     if patched_layers(model):
         raise ValueError("model is already patched; call asi_core.unpatch(model) first")
+    if include is not None and layers is None:
+        _check_include(model, candidates, num_finetune, layer_type, include)
     names = _choose(candidates, num_finetune, layers, layer_type)
     method_cls = METHODS[method]
+    if layer_type not in method_cls.layer_types:
+        raise ValueError(f"method {method!r} is not defined for {layer_type} layers (it supports "
+                         f"{', '.join(method_cls.layer_types)}); cannot patch {names[:3]}{' ...' if len(names) > 3 else ''}")
     per_layer = method_cls.per_layer_options(names, options)
     wrapper_cls = _LAYER_TYPES[layer_type][1]
     modules = dict(model.named_modules())
@@ -86,6 +128,16 @@ def unpatch(model: nn.Module) -> list[str]:
     from .lean import unmake_lean
     unmake_lean(model)
     return names
+
+
+def _check_include(model, candidates, num_finetune, layer_type, include):
+    wanted = None if num_finetune in (None, "all") or isinstance(num_finetune, bool) else num_finetune
+    if candidates and (not isinstance(wanted, int) or wanted <= len(candidates)):
+        return
+    every = candidate_layers(model, layer_type)
+    raise ValueError(f"include={include!r} matches {len(candidates)} of the model's {len(every)} {layer_type} layers"
+                     + (f", fewer than num_finetune={wanted}" if candidates else "")
+                     + f"; matched: {candidates[-5:]}; some {layer_type} layer names: {every[:3]} ... {every[-3:]}")
 
 
 def _choose(candidates, num_finetune, layers, layer_type):

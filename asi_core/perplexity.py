@@ -65,21 +65,25 @@ def _layer_perplexities(layer, x, grad_out, epsilons):
 
 def measure_perplexity(model: nn.Module, batches: Iterable, loss_fn: Callable, epsilons: Sequence[float],
                        num_finetune=None, layers: Optional[Sequence[str]] = None, layer_type: str = "conv",
-                       progress: Optional[Callable[[int], None]] = None) -> dict:
+                       progress: Optional[Callable[[int], None]] = None, include=None,
+                       full_rank_factors: bool = False) -> dict:
     """Measure the perplexity table on ``batches`` (an iterable of ``(inputs, targets)``).
 
     ``loss_fn(model, inputs, targets) -> scalar loss``. Layers: the named ``layers``, or the last
-    ``num_finetune`` (int or "all"; default all) of ``layer_type``. The model's parameters and
+    ``num_finetune`` (int or "all"; default all) of ``layer_type`` whose names match ``include`` (as in
+    ``asi_core.patch``). The model's parameters and
     train/eval mode are restored afterwards; no parameter is changed.
 
     Returns the "layers" part of perplexity.json (schema version 1): per layer its input_shape,
     and per ε the HOSVD ranks (per mode, the largest seen over the batches, so memory is the peak),
     memory_mib (eq. 5 with those ranks, in the input's dtype) and perplexity (mean over batches).
+    ``full_rank_factors``: count a mode kept whole (rank = D) as a D x D factor, as the authors' measurement does
+    (what ASI really stores is no factor for such a mode: the default).
     """
     for eps in epsilons:
         if not 0 < eps <= 1:
             raise ValueError(f"epsilon {eps} is outside (0, 1]")
-    names = list(layers) if layers is not None else candidate_layers(model, layer_type)
+    names = list(layers) if layers is not None else candidate_layers(model, layer_type, include)
     if layers is None and num_finetune not in (None, "all"):
         names = names[-int(num_finetune):]
     modules = dict(model.named_modules())
@@ -138,7 +142,8 @@ def measure_perplexity(model: nn.Module, batches: Iterable, loss_fn: Callable, e
         table[n] = {
             "input_shape": s["shape"],
             "ranks": s["ranks"],
-            "memory_mib": [tucker_elements(s["shape"], r) * s["dtype_bytes"] / MIB for r in s["ranks"]],
+            "memory_mib": [tucker_elements(s["shape"], r, count_whole_modes=full_rank_factors) * s["dtype_bytes"] / MIB
+                           for r in s["ranks"]],
             "perplexity": [p / count for p in s["perplexity"]],
         }
     return table

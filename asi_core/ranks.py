@@ -57,7 +57,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 __all__ = ["solve", "select", "load_table", "validate_table", "check_table_matches",
-           "SCHEMA_VERSION"]
+           "table_from_authors_pickle", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 _UNIT_ROUNDOFF = 2.0 ** -53  # float64
@@ -242,7 +242,9 @@ def solve(perplexity: Sequence[Sequence[float]], memory: Sequence[Sequence[float
     if not min_budget <= budget:
         raise ValueError(f"infeasible budget: {budget!r} is below the minimum feasible budget "
                          f"{min_budget!r} (sum of each layer's smallest memory over {n} layers); "
-                         f"raise the budget to at least {min_budget!r}")
+                         f"raise the budget to at least {min_budget!r}, or give the budget 'min' "
+                         f"(--model.budget min: that smallest-memory selection, which the authors' code falls "
+                         f"back to with a warning when the budget is infeasible)")
     if n == 0:
         if stats is not None:
             stats.update(front_sizes=[], final_front=1, max_front=1, lagrange_multiplier=None,
@@ -551,3 +553,68 @@ def select(table: dict | str | os.PathLike, budget_mib: float | str,
             "layers": chosen,
             "total_memory_mib": _chain_sum(c["memory_mib"] for c in chosen),
             "total_perplexity": _chain_sum(c["perplexity"] for c in chosen)}
+
+
+# --------------------------------------------------------------------------------------------
+# The authors' perplexity.pkl
+# --------------------------------------------------------------------------------------------
+
+def _read_authors_pickle(path: str) -> dict:
+    """Unpickle the authors' file (``pickle.dump`` of a dict of lists; its values may be torch tensors saved on
+    a GPU, which are mapped to the CPU here). Pickle runs code: only load files you trust."""
+    import io
+    import pickle
+
+    import torch
+
+    def cpu_tensor(data: bytes):
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module == "torch.storage" and name == "_load_from_bytes":
+                return cpu_tensor
+            return super().find_class(module, name)
+
+    with open(path, "rb") as f:
+        return _Unpickler(f).load()
+
+
+def table_from_authors_pickle(path: str | os.PathLike, layer_names: Sequence[str], model: str = "",
+                              input_shape: Sequence[int] | None = None) -> dict:
+    """A perplexity table (schema version 1) from the authors' ``perplexity.pkl`` (their utils/perplexity.py:
+    ``set_of_epsilons``, and per conv layer of the whole model, in model order, per epsilon, ``perplexity``,
+    ``ranks`` and ``layer_mems``). Their file names no layers: ``layer_names`` (every conv of the model, in
+    registration order) names them, and must have as many entries. Memory is theirs as measured (MiB, a
+    full-rank mode counted as a full D x D factor), perplexity their one-batch measurement; the file holds no
+    input shape, so ``input_shape`` (when given) is recorded unchecked."""
+    path = os.fspath(path)
+    try:
+        data = _read_authors_pickle(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"perplexity table {path!r} not found") from None
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ValueError(f"{path}: not a readable authors' perplexity.pkl ({type(err).__name__}: {err})") from None
+    keys = ("set_of_epsilons", "perplexity", "ranks", "layer_mems")
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        raise ValueError(f"{path}: expected the authors' perplexity.pkl, a dict with keys {list(keys)}")
+    names = list(layer_names)
+    if len(data["perplexity"]) != len(names):
+        raise ValueError(f"{path}: holds {len(data['perplexity'])} layers but the model has {len(names)} conv layers; "
+                         f"was it measured for another model?")
+
+    def num(v) -> float:
+        return float(v.item() if hasattr(v, "item") else v)
+
+    eps = [num(e) for e in data["set_of_epsilons"]]
+    shape = [int(d) for d in input_shape] if input_shape is not None else [1]
+    layers = {}
+    for i, name in enumerate(names):
+        layers[name] = {"input_shape": shape,
+                        "ranks": [[int(num(r)) for r in ranks] for ranks in data["ranks"][i]],
+                        "memory_mib": [num(m) for m in data["layer_mems"][i]],
+                        "perplexity": [num(p) for p in data["perplexity"][i]]}
+    table = {"schema_version": SCHEMA_VERSION, "model": model, "dataset": "(authors' perplexity.pkl)",
+             "input_shape": shape, "batch_size": shape[0], "epsilons": eps, "num_batches": 1, "layers": layers,
+             "source": f"authors' perplexity.pkl {path}", "memory_counting": "full_rank_factors"}
+    return validate_table(table, source=path)

@@ -127,6 +127,8 @@ class ModelSpec:
     weights_url: str                  # published ImageNet weights
     weights_file: str                 # file name under <ckpt_dir>/imagenet/
     resolution: int                   # native ImageNet resolution (informative)
+    layer_type: str = "conv"          # what --model.num_finetune counts by default (asi_core.patch's layer_type)
+    include: Optional[str] = None     # default name filter of those layers (asi_core.patch's include), e.g. "mlp"
 
 
 def _tv(fn_name: str) -> Callable[[], nn.Module]:

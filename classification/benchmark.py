@@ -108,6 +108,10 @@ def _weight_grad_closure(layer, x, g) -> Callable[[], torch.Tensor]:
         if method.name == "gradfilter":
             x_bar = ops.filter_input(x, method.radius)
             return lambda: ops.filter_weight_grad(x_bar, ops.filter_grad(g, method.radius)[0], shape)
+        if method.name == "gradfilter_paper":
+            x_sum = ops.paper_filter_input(x, method.radius)
+            g_pad = ops.paper_patch_geometry(tuple(x.shape[-2:]), method.radius)[3]
+            return lambda: ops.filter_weight_grad(x_sum, ops.paper_filter_grad(g, method.radius, g_pad), shape)
         state = copy.deepcopy(method)  # do not advance the layer's own warm-start state
         core, factors = state.compress(x)
     return lambda: ops.weight_grad(core, factors, g, shape)

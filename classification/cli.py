@@ -519,7 +519,8 @@ class ASICLI(LightningCLI):
     # ------------------------------------------------------------------ measure
     @subcommand(nested=True)
     def measure(self, model, datamodule, epsilons: Union[List[float], str] = PAPER_EPSILONS, num_batches: int = 1,
-                num_finetune: Union[int, Literal["all"]] = "all", out: Optional[str] = None, overwrite: bool = False):
+                num_finetune: Union[int, Literal["all"]] = "all", out: Optional[str] = None, overwrite: bool = False,
+                full_rank_factors: bool = False):
         """Measure the activation perplexity table that --model.perplexity_file/--model.budget select ASI ranks from.
 
         Per conv layer and eps (paper Sec. 3.3): the HOSVD ranks, the compressed memory (eq. 5, MiB) and the
@@ -534,6 +535,9 @@ class ASICLI(LightningCLI):
             out: Output JSON path; default runs/setup<A|B>/<model>/<dataset>/measure/<exp_name>/perplexity.json
                 with exp_name l<num_finetune>_bs<batch_size>_res<resolution>. The PNG goes next to it.
             overwrite: Re-measure even if the output already holds a table with the same settings.
+            full_rank_factors: Count a mode kept whole (rank = D) as a D x D factor in memory_mib, as the authors'
+                measurement does (to reproduce their rank choices; with --measure.num_batches 1 and
+                --data.batch_size 128, their protocol). Default: no factor, what ASI stores.
         """
         from .measure import run_measure
 
@@ -542,7 +546,7 @@ class ASICLI(LightningCLI):
         self.measure_result = run_measure(
             model, datamodule, path=path, epsilons=epsilons, num_batches=num_batches, num_finetune=num_finetune,
             overwrite=overwrite, device=self.trainer.strategy.root_device, seed=cfg.get("seed_everything"),
-            progress=cfg.trainer.enable_progress_bar is not False)
+            progress=cfg.trainer.enable_progress_bar is not False, full_rank_factors=full_rank_factors)
         if not self.measure_result["skipped"]:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._parser(self.subcommand).save(cfg, str(self.run_dir / "config_measure.yaml"), skip_none=False,

@@ -167,15 +167,56 @@ def save_partition(path: Path, halves, targets: Sequence[int], meta: dict) -> No
     tmp.replace(path)
 
 
+def load_authors_partition(path: str | Path, num_samples: Optional[int] = None) -> tuple[list[int], list[int]]:
+    """The authors' setup-B partition file (``usr_group_<kl>.npy``: one row per partition, the partition id
+    then its indices as floats; their data module reads ``{row[0]: row[1:]}``). Partition 0 is half 1
+    (pretraining), partition 1 half 2 (fine-tuning). Indices are returned in the file's order, which
+    their train/val split uses (the first 80% train)."""
+    arr = np.load(path, allow_pickle=False)
+    if arr.ndim != 2 or arr.shape[0] != 2:
+        raise ValueError(f"partition file {path}: expected the authors' format, 2 rows (partition id, indices...), "
+                         f"got an array of shape {arr.shape}")
+    rows = {int(r[0]): r[1:] for r in arr}
+    if sorted(rows) != [0, 1]:
+        raise ValueError(f"partition file {path}: partition ids {sorted(rows)}, expected 0 and 1")
+    halves = []
+    for pid in (0, 1):
+        idx = rows[pid]
+        if not np.all(idx == np.round(idx)):
+            raise ValueError(f"partition file {path}: partition {pid} holds non-integer indices")
+        idx = idx.astype(np.int64)
+        if num_samples is not None and (idx.min() < 0 or idx.max() >= num_samples):
+            raise ValueError(f"partition file {path}: indices outside [0, {num_samples}) of this dataset's training "
+                             f"pool; is it the file of another dataset?")
+        halves.append(idx.tolist())
+    if len(set(halves[0]) | set(halves[1])) != len(halves[0]) + len(halves[1]):
+        raise ValueError(f"partition file {path}: an index is repeated within or across the two partitions")
+    return halves[0], halves[1]
+
+
+def find_authors_partition(dataset_dir: Path) -> Optional[Path]:
+    """``<dataset_dir>/usr_group_*.npy`` when exactly one is there (where the authors keep theirs), else None."""
+    found = sorted(Path(dataset_dir).glob("usr_group_*.npy"))
+    return found[0] if len(found) == 1 else None
+
+
 def load_partition(path: str | Path, num_samples: Optional[int] = None) -> tuple[list[int], list[int]]:
+    """A partition JSON of this project, or the authors' ``.npy`` (:func:`load_authors_partition`)."""
+    if str(path).endswith(".npy"):
+        return load_authors_partition(path, num_samples)
     d = json.loads(Path(path).read_text())
     if num_samples is not None and d["num_samples"] != num_samples:
         raise ValueError(f"partition {path} was made for {d['num_samples']} samples, the dataset has {num_samples}")
     return list(d["halves"][0]), list(d["halves"][1])
 
 
-def train_val_split(indices: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded shuffle of ``indices``, the first ``val_fraction`` of them for validation."""
+def train_val_split(indices: Sequence[int], val_fraction: float, seed: int,
+                    in_order: bool = False) -> tuple[list[int], list[int]]:
+    """Seeded shuffle of ``indices``, the first ``val_fraction`` of them for validation. ``in_order``: the
+    authors' setup-B split instead, the first int((1 - val_fraction) * n) indices as given for training."""
+    if in_order:
+        n_train = int((1.0 - val_fraction) * len(indices))
+        return list(indices[:n_train]), list(indices[n_train:])
     perm = np.random.default_rng(seed).permutation(len(indices))
     n_val = int(round(len(indices) * val_fraction))
     idx = np.asarray(indices)[perm]
@@ -235,11 +276,25 @@ class TransformSubset(Dataset):
         return (self.transform(x) if self.transform else x), y
 
 
-def image_transforms(resolution: int, train: bool):
+AUGMENT_CHOICES = ("standard", "paper")
+
+
+def image_transforms(resolution: int, train: bool, augment: str = "standard", dataset: str = "",
+                     setup: str = "A"):
+    """``standard`` (ours): random-resized crop + flip for training, resize + centre crop for evaluation,
+    ImageNet statistics. ``paper``: what the authors' data modules do: pets, cub200, flowers102 and CIFAR are only
+    resized to resolution x resolution (no augmentation, train and eval alike), CIFAR normalised with mean = std =
+    0.5; ImageNet is random-resized crop + flip on the training split *and*, in setup A, on the evaluation split
+    (setup B evaluates with resize + centre crop, as ours)."""
     import torchvision.transforms as T
 
+    if augment not in AUGMENT_CHOICES:
+        raise ValueError(f"--data.augment {augment!r}: choose one of {', '.join(AUGMENT_CHOICES)}")
+    if augment == "paper" and dataset != "imagenet":
+        stats = ((0.5,) * 3, (0.5,) * 3) if dataset.startswith("cifar") else (IMAGENET_MEAN, IMAGENET_STD)
+        return T.Compose([T.ToTensor(), T.Resize((resolution, resolution)), T.Normalize(*stats)])
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if train:
+    if train or (augment == "paper" and setup == "A"):
         return T.Compose([T.RandomResizedCrop(resolution), T.RandomHorizontalFlip(), *norm])
     return T.Compose([T.Resize(int(round(resolution / 0.875))), T.CenterCrop(resolution), *norm])
 
@@ -260,6 +315,7 @@ class ClassificationData(pl.LightningDataModule):
         resolution: int = 224,
         num_workers: int = 4,
         download: bool = False,
+        augment: Literal["standard", "paper"] = "standard",
     ):
         """Image classification data.
 
@@ -269,7 +325,10 @@ class ClassificationData(pl.LightningDataModule):
             setup: "A": the whole training pool (ImageNet-pretrained backbone, downstream set).
                 "B": the pool is split into two label-skewed halves (pretrain on half 1, fine-tune on half 2).
             half: Setup B only: which half to train and validate on (1 = pretraining, 2 = fine-tuning).
-            partition_file: Setup B only: reload this partition JSON instead of recomputing it.
+            partition_file: Setup B only: reload this partition instead of recomputing it: a partition.json of an
+                earlier run, or the authors' ``usr_group_<kl>.npy`` (partition 0 = half 1, partition 1 = half 2;
+                train/val split as theirs: the first 80% of the file's order). "auto": the one
+                ``<root>/<name>/usr_group_*.npy`` when present (the paper's CIFAR splits), else computed.
             num_shards: Setup B only: number of label-sorted shards dealt to the two halves (fewer = more skew).
             val_fraction: Fraction of the chosen pool held out for validation (paper: 80/20).
             split_seed: Seed of the setup-B partition and of the train/val split.
@@ -277,6 +336,9 @@ class ClassificationData(pl.LightningDataModule):
             resolution: Square input resolution in pixels.
             num_workers: DataLoader worker processes.
             download: Let torchvision download the dataset when it is missing (needs internet).
+            augment: "standard" (ours: random-resized crop + flip to train, resize + centre crop to evaluate) or
+                "paper" (the authors' preprocessing: resize only for the downstream sets, CIFAR normalised with 0.5,
+                ImageNet setup A randomly cropped for evaluation too). No effect on digits.
         """
         super().__init__()
         check_data_options(batch_size, resolution, val_fraction, num_workers, num_shards)
@@ -286,8 +348,12 @@ class ClassificationData(pl.LightningDataModule):
         self.partition_file, self.num_shards = partition_file, num_shards
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.batch_size, self.resolution, self.num_workers, self.download = batch_size, resolution, num_workers, download
+        if augment not in AUGMENT_CHOICES:
+            raise ValueError(f"--data.augment {augment!r}: choose one of {', '.join(AUGMENT_CHOICES)}")
+        self.augment = augment
         self.run_dir: Optional[Path] = None  # set by the CLI; setup B writes partition.json there
         self.partition: Optional[tuple[list[int], list[int]]] = None
+        self.partition_source: Optional[str] = None
         self._built = False
 
     @property
@@ -321,24 +387,30 @@ class ClassificationData(pl.LightningDataModule):
         targets = dataset_targets(pool)
         indices = list(range(len(pool)))
         if self.setup_name == "B":
-            if self.partition_file:
-                halves = load_partition(self.partition_file, len(pool))
+            source = self.partition_file
+            if source == "auto":
+                found = find_authors_partition(self.dataset_dir)
+                source = str(found) if found is not None else None
+            self.partition_source = source
+            if source:
+                halves = load_partition(source, len(pool))
             else:
                 halves = label_skewed_halves(targets, self.num_shards, self.split_seed)
             self.partition = halves
             if self.run_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
                 save_partition(Path(self.run_dir) / "partition.json", halves, targets,
                                dict(dataset=self.name, num_shards=self.num_shards, seed=self.split_seed,
-                                    source=str(self.partition_file or "computed")))
+                                    source=str(source or "computed")))
             indices = halves[self.half - 1]
-        train_idx, val_idx = train_val_split(indices, self.val_fraction, self.split_seed)
+        authors_file = self.setup_name == "B" and str(self.partition_source or "").endswith(".npy")
+        train_idx, val_idx = train_val_split(indices, self.val_fraction, self.split_seed, in_order=authors_file)
         if not train_idx or not val_idx:
             raise ValueError(f"--data.val_fraction {self.val_fraction} leaves {len(train_idx)} training and "
                              f"{len(val_idx)} validation samples of {len(indices)}: choose a fraction that leaves "
                              f"samples in both")
         is_tensor = self.name == "digits"
-        t_train = None if is_tensor else image_transforms(self.resolution, True)
-        t_eval = None if is_tensor else image_transforms(self.resolution, False)
+        t_train = None if is_tensor else image_transforms(self.resolution, True, self.augment, self.name, self.setup_name)
+        t_eval = None if is_tensor else image_transforms(self.resolution, False, self.augment, self.name, self.setup_name)
         self.train_set = TransformSubset(pool, train_idx, t_train)
         self.val_set = TransformSubset(pool, val_idx, t_eval)
         self.test_set = TransformSubset(test, range(len(test)), t_eval) if test is not None else self.val_set

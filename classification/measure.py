@@ -36,6 +36,8 @@ import asi_core
 from asi_core.perplexity import SCHEMA_VERSION, measure_perplexity
 from asi_core.ranks import load_table, validate_table
 
+from .model import finetune_candidates
+
 __all__ = ["PAPER_EPSILONS", "PERPLEXITY_FILE", "parse_epsilons", "measure_exp_name", "measurement_settings",
            "full_batches", "run_measure", "plot_table"]
 
@@ -74,7 +76,7 @@ def measure_exp_name(num_finetune: Union[int, str], batch_size: int, resolution:
 
 
 def measurement_settings(model, datamodule, *, epsilons: Sequence[float], num_batches: int,
-                         num_finetune: Union[int, str], seed) -> dict:
+                         num_finetune: Union[int, str], seed, full_rank_factors: bool = False) -> dict:
     """Everything a perplexity table depends on; equal settings mean a re-run can be skipped."""
     hp = model.hparams
     weights = hp.checkpoint if hp.checkpoint is not None else ("imagenet" if hp.pretrained else "random")
@@ -84,6 +86,8 @@ def measurement_settings(model, datamodule, *, epsilons: Sequence[float], num_ba
                 "split_seed": int(datamodule.split_seed), "val_fraction": float(datamodule.val_fraction),
                 "seed": seed, "epsilons": list(epsilons), "num_batches": int(num_batches),
                 "num_finetune": num_finetune}
+    if full_rank_factors:
+        settings["full_rank_factors"] = True
     if datamodule.setup_name == "B":
         settings.update(half=int(datamodule.half), num_shards=int(datamodule.num_shards),
                         partition_file=datamodule.partition_file)
@@ -141,7 +145,8 @@ def _dumps(table: dict) -> str:
 
 def run_measure(model, datamodule, *, path: Union[str, Path], epsilons, num_batches: int,
                 num_finetune: Union[int, str] = "all", overwrite: bool = False,
-                device: Union[str, torch.device] = "cpu", progress: bool = True, seed=None) -> dict:
+                device: Union[str, torch.device] = "cpu", progress: bool = True, seed=None,
+                full_rank_factors: bool = False) -> dict:
     """Measure the perplexity table of ``model`` (a ClassificationModel) on ``datamodule``'s training
     batches and write ``path`` (perplexity.json) and its PNG. The model is unpatched and moved to
     ``device``; it is not trained. If ``path`` already holds a table with the same settings and not
@@ -152,7 +157,7 @@ def run_measure(model, datamodule, *, path: Union[str, Path], epsilons, num_batc
     path, eps = Path(path), parse_epsilons(epsilons)
     plot = path.with_suffix(".png")
     settings = measurement_settings(model, datamodule, epsilons=eps, num_batches=num_batches,
-                                    num_finetune=num_finetune, seed=seed)
+                                    num_finetune=num_finetune, seed=seed, full_rank_factors=full_rank_factors)
     if path.is_file() and not overwrite:
         try:
             old = load_table(path)
@@ -171,11 +176,8 @@ def run_measure(model, datamodule, *, path: Union[str, Path], epsilons, num_batc
 
     if model.patched:  # measure on the plain layers; they are the ones the names refer to
         asi_core.unpatch(model.net)
-    convs = asi_core.candidate_layers(model.net)
-    if num_finetune != "all" and (isinstance(num_finetune, bool) or not isinstance(num_finetune, int)
-                                  or not 1 <= num_finetune <= len(convs)):
-        raise ValueError(f"--measure.num_finetune must be 'all' or an integer in [1, {len(convs)}] (the model's "
-                         f"conv layers), got {num_finetune!r}")
+    layer_type, include = getattr(model, "layer_type", "conv"), getattr(model, "include", None)
+    names = finetune_candidates(model.net, num_finetune, layer_type, include, option="--measure.num_finetune")
     device = torch.device(device)
     model.to(device)
     model.train()  # applies set_bn_eval: BatchNorm in eval mode, as in training
@@ -190,11 +192,11 @@ def run_measure(model, datamodule, *, path: Union[str, Path], epsilons, num_batc
 
     rank_zero_info(f"measuring perplexity of {settings['model']} on {settings['dataset']} "
                    f"(setup {settings['setup']}): eps {eps}, {num_batches} batch(es) of {datamodule.batch_size}, "
-                   f"layers: last {num_finetune} conv, device {device}")
+                   f"layers: last {num_finetune} {layer_type}, device {device}")
     start = time.perf_counter()
     with _progress(num_batches, progress, "perplexity") as bar:
         layers = measure_perplexity(model.net, full_batches(loader, num_batches, datamodule.batch_size), loss_fn,
-                                    eps, num_finetune=num_finetune, progress=bar)
+                                    eps, layers=names, progress=bar, full_rank_factors=full_rank_factors)
     table = {"schema_version": SCHEMA_VERSION, "model": settings["model"], "dataset": settings["dataset"],
              "input_shape": input_shape, "batch_size": int(datamodule.batch_size), "epsilons": eps,
              "num_batches": int(num_batches), "layers": layers, "settings": settings, "device": str(device),

@@ -1,5 +1,6 @@
 """LightningModule: a model-zoo network (backbone + pooling + linear head) whose last
-``num_finetune`` convolutions are trained with one of ``asi_core.METHODS``.
+``num_finetune`` convolutions (or linear layers, ``layer_type``/``include``) are trained with one of
+``asi_core.METHODS``.
 
 Construction order: build -> ImageNet weights (setup A) or ``checkpoint`` (setup B) ->
 new head -> ``asi_core.patch`` on the last N convs -> BatchNorm frozen (``set_bn_eval``).
@@ -10,6 +11,7 @@ annealing; L2 gradient clipping 2.0 is the Trainer's ``gradient_clip_val``.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import List, Literal, Optional, Tuple, Union
 
@@ -28,6 +30,7 @@ from .backbones import create_model, get_spec
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "vanilla": (),
     "gradfilter": ("radius",),
+    "gradfilter_paper": ("radius",),
     "hosvd": ("eps",),
     "asi": ("ranks", "warm_start"),
 }
@@ -124,25 +127,37 @@ def _check_rank_arguments(method: str, ranks, perplexity_file: Optional[str], bu
                          f"(--model.ranks null to select them from the file under --model.budget)")
 
 
+def finetune_candidates(net: nn.Module, num_finetune: Union[int, str], layer_type: str = "conv",
+                        include=None, option: str = "num_finetune") -> list[str]:
+    """The layers ``asi_core.patch(net, ..., num_finetune, layer_type=..., include=...)`` trains, checked."""
+    layers = asi_core.candidate_layers(net, layer_type, include)
+    what = f"{layer_type} layers" + (f" matching include={include!r}" if include is not None else "")
+    if num_finetune == "all" and layers:
+        return layers
+    if isinstance(num_finetune, int) and not isinstance(num_finetune, bool) and 1 <= num_finetune <= len(layers):
+        return layers[-num_finetune:]
+    raise ValueError(f"{option} must be 'all' or an integer in [1, {len(layers)}] (the model's {what}), "
+                     f"got {num_finetune!r}")
+
+
 def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], perplexity_file: str,
-                 budget: Union[float, str], input_shape: Optional[List[int]] = None) -> dict:
-    """ASI ranks for the last ``num_finetune`` convs of ``net`` from a perplexity table under ``budget``.
+                 budget: Union[float, str], input_shape: Optional[List[int]] = None, layer_type: str = "conv",
+                 include=None) -> dict:
+    """ASI ranks for the last ``num_finetune`` fine-tuned layers of ``net`` (``layer_type``, ``include``) from a
+    perplexity table under ``budget``.
 
     The table must have been measured for ``backbone``, cover those layers and (when ``input_shape`` is
     given) the same input shape; otherwise ValueError names the mismatch. Returns ``asi_core.ranks.select``'s
     result (budget_mib, per layer name/eps/ranks/memory_mib/perplexity, totals) plus the request and the
     table's provenance: what metrics.json["rank_selection"] holds.
     """
-    convs = asi_core.candidate_layers(net)
-    if num_finetune == "all":
-        names = convs
-    elif isinstance(num_finetune, int) and not isinstance(num_finetune, bool) and 1 <= num_finetune <= len(convs):
-        names = convs[-num_finetune:]
-    else:
-        raise ValueError(f"num_finetune must be 'all' or an integer in [1, {len(convs)}] (the model's conv layers), "
-                         f"got {num_finetune!r}")
+    names = finetune_candidates(net, num_finetune, layer_type, include)
     try:
-        table = ranks_lib.load_table(perplexity_file)
+        if str(perplexity_file).endswith(".pkl"):  # the authors' format, converted on load
+            every = asi_core.candidate_layers(net, layer_type)  # their file: every such layer, in model order
+            table = ranks_lib.table_from_authors_pickle(perplexity_file, every, backbone, input_shape)
+        else:
+            table = ranks_lib.load_table(perplexity_file)
         ranks_lib.check_table_matches(table, model_name=backbone, layer_names=names, input_shape=input_shape)
         chosen = ranks_lib.select(table, budget, layers=names)
     except ValueError as err:
@@ -183,13 +198,17 @@ def check_model_options(method: str = "vanilla", num_finetune="all", ranks=None,
     if "radius" in used and (not _is_int(radius) or radius < 1):
         bad("radius", radius, "gradfilter's patch radius must be an integer >= 1")
     if "ranks" in used and ranks is not None:
-        flat = [ranks] if _is_int(ranks) else [r for t in ranks for r in t] if isinstance(ranks, (list, tuple)) \
-            and all(isinstance(t, (list, tuple)) for t in ranks) else None
+        if _is_int(ranks):
+            flat = [ranks]
+        elif isinstance(ranks, (list, tuple)) and ranks and all(_is_int(r) for r in ranks):
+            flat = list(ranks)
+        elif isinstance(ranks, (list, tuple)) and ranks and all(isinstance(t, (list, tuple)) and t for t in ranks):
+            flat = [r for t in ranks for r in t]
+        else:
+            flat = None
         if flat is None or not all(_is_int(r) and r >= 1 for r in flat):
-            bad("ranks", ranks, "asi ranks must be one integer >= 1, or one [r1, r2, r3, r4] of integers >= 1 per "
-                                "fine-tuned layer")
-        if not _is_int(ranks) and any(len(t) != 4 for t in ranks):
-            bad("ranks", ranks, "a conv layer's input has 4 modes (B, C, H, W): give 4 ranks per layer")
+            bad("ranks", ranks, "asi ranks must be one integer >= 1, one list of per-mode ranks for every layer, or "
+                                "one such list per fine-tuned layer, of integers >= 1")
     warnings_ = []
     defaults = {"eps": 0.8, "radius": 2, "ranks": None}
     given = {"eps": eps, "radius": radius, "ranks": ranks}
@@ -201,6 +220,17 @@ def check_model_options(method: str = "vanilla", num_finetune="all", ranks=None,
     return warnings_
 
 
+def ranks_option(ranks):
+    """--model.ranks as asi_core.patch takes it: an int, one tuple for every layer, or one tuple per layer."""
+    if ranks is None:
+        return ASI_DEFAULT_RANKS
+    if isinstance(ranks, int):
+        return ranks
+    if all(isinstance(r, int) for r in ranks):
+        return tuple(ranks)
+    return [tuple(r) for r in ranks]
+
+
 class ClassificationModel(pl.LightningModule):
     def __init__(
         self,
@@ -210,7 +240,9 @@ class ClassificationModel(pl.LightningModule):
         checkpoint: Optional[str] = None,
         method: str = "vanilla",
         num_finetune: Union[int, Literal["all"]] = 2,
-        ranks: Optional[Union[int, List[Tuple[int, int, int, int]]]] = None,
+        layer_type: Optional[Literal["conv", "linear"]] = None,
+        include: Optional[Union[str, List[str]]] = None,
+        ranks: Optional[Union[int, List[int], List[List[int]]]] = None,
         perplexity_file: Optional[str] = None,
         budget: Optional[Union[float, str]] = None,
         eps: float = 0.8,
@@ -224,6 +256,11 @@ class ClassificationModel(pl.LightningModule):
         weight_decay: float = 1e-4,
         warmup_epochs: int = 0,
         scheduler: Literal["cosine", "constant"] = "cosine",
+        lr_min_factor: float = 0.0,
+        warmup_start_factor: Optional[float] = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+        adam_betas: Tuple[float, float] = (0.9, 0.999),
+        train_bn_affine: bool = False,
         input_shape: Optional[List[int]] = None,
     ):
         """Classifier fine-tuned with activation compression.
@@ -236,11 +273,19 @@ class ClassificationModel(pl.LightningModule):
             checkpoint: Start from this checkpoint instead (setup B: the pretraining run's file under ckpts/).
                 Its head is reused when the class count matches.
             method: Activation compression: vanilla, gradfilter, hosvd or asi (asi_core.METHODS).
-            num_finetune: Number of last Conv2d layers to train, or "all". Earlier layers are frozen.
-            ranks: asi: one rank for every mode of every layer, or one (r1, r2, r3, r4) per fine-tuned layer,
-                in layer order. Default: 4, or chosen per layer from --model.perplexity_file (give one or the other).
+            num_finetune: Number of last layers (of --model.layer_type, matching --model.include) to train, or
+                "all". Everything registered before the first of them is frozen.
+            layer_type: What num_finetune counts: "conv" (nn.Conv2d) or "linear" (nn.Linear). Default: the
+                backbone's (conv for the CNNs, linear for the transformers).
+            include: Only layers whose qualified name matches: a regex searched in the name ("mlp") or a glob
+                ("*.mlp.*"), or a list of them. Default: the backbone's ("mlp" for the transformers, as the paper
+                counts their #Layers; none for the CNNs).
+            ranks: asi: one rank for every mode of every layer, one list of per-mode ranks for every layer
+                ([r1, r2, r3, r4] for a conv, one per input mode for a linear layer), or one such list per
+                fine-tuned layer, in layer order. Default: 4, or chosen per layer from --model.perplexity_file
+                (give one or the other).
             perplexity_file: asi: a perplexity.json of ``python main.py measure`` (same backbone, batch size and
-                resolution, covering the fine-tuned layers); ranks are then chosen per layer under --model.budget
+                resolution, covering the fine-tuned layers), or the authors' perplexity.pkl (converted on load); ranks are then chosen per layer under --model.budget
                 (asi_core.ranks.select, eq. 9) and written to metrics.json["rank_selection"].
             budget: asi with --model.perplexity_file: activation-memory budget of the fine-tuned layers, in MiB
                 (e.g. 0.5); "hosvd@0.8" = the memory HOSVD with eps 0.8 needs on the same layers, read from the
@@ -255,7 +300,16 @@ class ClassificationModel(pl.LightningModule):
             momentum: SGD momentum (paper: 0 downstream, 0.9 ImageNet setup B).
             weight_decay: L2 weight decay (paper: 1e-4).
             warmup_epochs: Epochs of linear learning-rate warm-up (paper: 4 on ImageNet setup B).
-            scheduler: "cosine" annealing to 0 over the run (paper), or "constant".
+            scheduler: "cosine" annealing over the run (to lr_min_factor x lr), or "constant".
+            lr_min_factor: Where the cosine ends, as a fraction of lr: 0 (ours) or 0.1 (the authors' code without
+                warm-up, CosineAnnealingLR eta_min = 0.1 lr; their warm-up branch anneals to 0).
+            warmup_start_factor: Linear warm-up from this fraction of lr, reaching lr at the last warm-up epoch
+                (the authors' code: 0.25). None (ours): (step + 1) / warmup_steps.
+            scheduler_interval: Update the learning rate every "step" (ours) or every "epoch" (the authors' code).
+            adam_betas: Adam's betas: (0.9, 0.999) (PyTorch's default), (0.8, 0.9) in the authors' code.
+            train_bn_affine: Train the scale and shift of every BatchNorm registered after the first fine-tuned conv
+                (the authors' code), in eval mode with frozen running statistics when set_bn_eval. False (ours):
+                every BatchNorm parameter is frozen.
             input_shape: Network input [batch size, 3, resolution, resolution]; linked from --data.batch_size and
                 --data.resolution, not set by hand. Checked against --model.perplexity_file (None: not checked).
         """
@@ -281,6 +335,8 @@ class ClassificationModel(pl.LightningModule):
                 category=RandomBackboneWarning)
         self.nonfinite_steps = 0  # training steps whose loss was NaN/inf (metrics.json, "diverged")
         spec = get_spec(backbone)
+        self.layer_type = layer_type or spec.layer_type
+        self.include = include if include is not None else spec.include
         self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None)
         if checkpoint is not None:
             load_checkpoint_weights(self.net, checkpoint, spec.head)
@@ -288,17 +344,25 @@ class ClassificationModel(pl.LightningModule):
         self.rank_selection: Optional[dict] = None  # set when ranks come from a perplexity file
         _check_rank_arguments(method, ranks, perplexity_file, budget)
         if perplexity_file is not None:
-            self.rank_selection = select_ranks(self.net, backbone, num_finetune, perplexity_file, budget, input_shape)
+            self.rank_selection = select_ranks(self.net, backbone, num_finetune, perplexity_file, budget, input_shape,
+                                               self.layer_type, self.include)
             options["ranks"] = [tuple(layer["ranks"]) for layer in self.rank_selection["layers"]]
         elif "ranks" in options:
-            ranks = ASI_DEFAULT_RANKS if ranks is None else ranks
-            options["ranks"] = ranks if isinstance(ranks, int) else [tuple(r) for r in ranks]
-        self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean, **options)
+            options["ranks"] = ranks_option(ranks)
+        self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean,
+                                      layer_type=self.layer_type, include=self.include, **options)
         if set_bn_eval:
             for m in self.net.modules():
                 if isinstance(m, _BN):
                     for p in m.parameters():
                         p.requires_grad_(False)
+        if train_bn_affine:
+            self.bn_affine_trained = bn_after_first(self.net, self.patched[0])
+            for name in self.bn_affine_trained:
+                for p in self.net.get_submodule(name).parameters():
+                    p.requires_grad_(True)
+        else:
+            self.bn_affine_trained = []
         self.train(self.training)
         # top-1 accuracy over samples, as the paper reports (torchmetrics' default would be macro)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -380,23 +444,52 @@ class ClassificationModel(pl.LightningModule):
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         else:
-            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self.trainer is not None else math.inf
+            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas))
         if hp.scheduler == "constant" and hp.warmup_epochs == 0:
             return opt
-        if not math.isfinite(total):
-            raise ValueError("the learning-rate schedule needs a finite run: set --trainer.max_epochs or max_steps")
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = int(round(total * hp.warmup_epochs / max_epochs))
-        cosine = hp.scheduler == "cosine"
-
-        def factor(step: int) -> float:  # linear warm-up, then cosine annealing (or constant) to the end
-            if step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
+        max_epochs = self.trainer.max_epochs if self.trainer is not None else None
+        if hp.scheduler_interval == "epoch":
+            if max_epochs is None or max_epochs <= 0:
+                raise ValueError("--model.scheduler_interval epoch needs --trainer.max_epochs (the schedule's length)")
+            total, warmup = max_epochs, hp.warmup_epochs
+        else:
+            total = self.trainer.estimated_stepping_batches if self.trainer is not None else math.inf
+            if not math.isfinite(total):
+                raise ValueError("the learning-rate schedule needs a finite run: set --trainer.max_epochs or max_steps")
+            epochs = max_epochs if max_epochs and max_epochs > 0 else 1
+            warmup = int(round(total * hp.warmup_epochs / epochs))
+        factor = partial(lr_factor, total=total, warmup=warmup, cosine=hp.scheduler == "cosine",
+                         min_factor=hp.lr_min_factor, warmup_start=hp.warmup_start_factor)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp.scheduler_interval}}
+
+
+def lr_factor(t: int, total: int, warmup: int, cosine: bool = True, min_factor: float = 0.0,
+              warmup_start: Optional[float] = None) -> float:
+    """Learning rate / peak lr at scheduler step ``t`` (a batch or an epoch) of ``total``.
+
+    Warm-up (t < warmup): ``(t + 1) / warmup`` (ours), or with ``warmup_start`` s the authors' line
+    s + (1 - s) t / (warmup - 1), which reaches 1 at the last warm-up step. Then cosine annealing from 1 to
+    ``min_factor`` over the remaining total - warmup steps (the authors: CosineAnnealingLR's
+    eta_min + (lr - eta_min)(1 + cos(pi t / T)) / 2 without warm-up, eta_min = 0.1 lr; after a warm-up their
+    LambdaLR anneals to 0), or 1 (constant)."""
+    if t < warmup:
+        if warmup_start is None:
+            return (t + 1) / warmup
+        return warmup_start + (1.0 - warmup_start) * t / max(1, warmup - 1)
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (t - warmup) / max(1, total - warmup))
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def bn_after_first(net: nn.Module, first: str) -> list[str]:
+    """BatchNorm modules registered after the layer ``first`` (the authors' freeze_layers rule: every leaf
+    module registered after the first fine-tuned conv keeps its parameters trainable)."""
+    names, seen = [], False
+    for name, m in net.named_modules():
+        if name == first:
+            seen = True
+        elif seen and isinstance(m, _BN) and any(True for _ in m.parameters()):
+            names.append(name)
+    return names

@@ -37,7 +37,7 @@ from typing import Iterable, List, Literal, Optional, Sequence, Union
 
 __all__ = ["collect", "format_table", "pareto_plots", "report", "CSV_COLUMNS"]
 
-METHOD_ORDER = ("vanilla", "gradfilter", "hosvd", "asi")
+METHOD_ORDER = ("vanilla", "gradfilter", "gradfilter_paper", "hosvd", "asi")
 # The required CSV columns first, in this order; the rest are extras for whoever reads the CSV.
 CSV_COLUMNS = ("method", "num_finetune", "accuracy", "activation_mib", "gflops",
                "setup", "model", "dataset", "label", "final_accuracy", "best_accuracy", "accuracy_source",
@@ -84,9 +84,12 @@ def _label(method: str, args: dict) -> tuple[str, tuple]:
     """The paper's name of a method configuration and a sort key within its method."""
     if method == "vanilla":
         return "Vanilla training", ()
-    if method == "gradfilter":
+    if method in ("gradfilter", "gradfilter_paper"):
         r = args.get("radius")
-        return (f"Gradient filtering R{r}" if r is not None else "Gradient filtering"), (_num(r) or 0,)
+        label = f"Gradient filtering R{r}" if r is not None else "Gradient filtering"
+        if method == "gradfilter_paper":  # the authors' op: the paper's row
+            label += " (authors' op)"
+        return label, (_num(r) or 0,)
     if method == "hosvd":
         eps = args.get("eps")
         return (f"HOSVD (ε = {eps})" if eps is not None else "HOSVD"), (_num(eps) or 0,)
@@ -307,8 +310,9 @@ def format_table(rows: Sequence[dict], fmt: Literal["md", "csv"] = "md") -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
-_COLORS = {"vanilla": "#444444", "gradfilter": "#2ca02c", "hosvd": "#1f77b4", "asi": "#d62728"}
-_MARKERS = {"vanilla": "s", "gradfilter": "^", "hosvd": "D", "asi": "o"}
+_COLORS = {"vanilla": "#444444", "gradfilter": "#2ca02c", "gradfilter_paper": "#8c564b", "hosvd": "#1f77b4",
+           "asi": "#d62728"}
+_MARKERS = {"vanilla": "s", "gradfilter": "^", "gradfilter_paper": "v", "hosvd": "D", "asi": "o"}
 _STYLES = ("-", "--", ":", "-.")
 
 

@@ -197,10 +197,13 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     model.to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
     res = profile_step(model, x, y, optimizer=optimizer)
-    options = {"asi": {"ranks": hp.ranks}, "hosvd": {"eps": hp.eps}, "gradfilter": {"radius": hp.radius}}
+    options = {"asi": {"ranks": hp.ranks}, "hosvd": {"eps": hp.eps}, "gradfilter": {"radius": hp.radius},
+               "gradfilter_paper": {"radius": hp.radius}}
     out = {"model": hp.backbone, "method": hp.method, "num_finetune": hp.num_finetune,
            "batch_size": batch_size, "resolution": resolution, **options.get(hp.method, {}),
            "lean": hp.method != "vanilla" if hp.lean is None else bool(hp.lean), "device": str(device)}
+    if getattr(hp, "train_bn_affine", False):
+        out["train_bn_affine"] = True
     keys = ("activation_mib", "measured_activation_mib", "measured_layers_mib", "measured_mask_mib",
             "forward_gflops", "backward_gflops", "overhead_gflops", "core_gflops", "input_grad_gflops",
             "train_gflops", "paper_gflops", "total_gflops")

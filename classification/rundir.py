@@ -26,12 +26,17 @@ def default_exp_name(method: str, num_finetune: Union[int, str], ranks: Any = No
     if method == "asi" and budget is not None:
         name += f"_budget{budget}"
     elif method == "asi":
-        name += f"_r{ranks}" if isinstance(ranks, int) else "_r" + "-".join("x".join(map(str, r)) for r in ranks)
+        if isinstance(ranks, int):
+            name += f"_r{ranks}"
+        elif all(isinstance(r, int) for r in ranks):  # one per-mode tuple for every layer
+            name += "_r" + "x".join(map(str, ranks))
+        else:
+            name += "_r" + "-".join("x".join(map(str, r)) for r in ranks)
     if method == "asi" and warm_start is False:
         name += "_nowarm"
     elif method == "hosvd":
         name += f"_eps{eps}"
-    elif method == "gradfilter":
+    elif method in ("gradfilter", "gradfilter_paper"):
         name += f"_R{radius}"
     return name
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 MODELS = ["mcunet", "mobilenet_v2", "resnet18", "resnet34"]
 METHODS = {"vanilla": "vanilla", "vanilla_lean": "vanilla (lean)", "gradfilter": "gradfilter R2",
-           "hosvd": "hosvd ε0.8", "asi": "asi r2"}
+           "hosvd": "hosvd ε0.8", "asi": "asi r2", "vanilla_lean_bn": "vanilla (lean) + BN affine",
+           "asi_bn": "asi r2 + BN affine"}
 
 
 def load(root: Path) -> dict[tuple[str, int, str], dict]:

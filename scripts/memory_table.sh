@@ -3,7 +3,9 @@
 # on random input (batch 64, 224x224, random weights: no dataset, no download) for each model, method and number of
 # fine-tuned layers; then scripts/memory_table.py prints the markdown table of the README.
 # Methods: vanilla (plain autograd, the baseline), vanilla_lean (vanilla with --model.lean true), gradfilter
-# (radius 2), hosvd (eps 0.8), asi (ranks 2); the compressing methods run lean (their default).
+# (radius 2), hosvd (eps 0.8), asi (ranks 2); the compressing methods run lean (their default). Not in the default
+# list: vanilla_lean_bn and asi_bn, the same with --model.train_bn_affine true (the authors' trainable BatchNorm
+# scale and shift: each such BatchNorm keeps its float input), METHODS="vanilla_lean_bn asi_bn".
 # Output: $RUN_ROOT/memory/<model>/<method>_<n>.json, the JSON line profile prints last (all its output: .json.log).
 #
 #   bash scripts/memory_table.sh [DATA_ROOT [RUN_ROOT]]      DRY_RUN=1 prints the commands; see scripts/common.sh
@@ -23,7 +25,9 @@ for model in ${MODELS:-$ALL_MODELS}; do
                 gradfilter) args=(--model.method gradfilter --model.radius 2) ;;
                 hosvd) args=(--model.method hosvd --model.eps 0.8) ;;
                 asi) args=(--model.method asi --model.ranks 2) ;;
-                *) die "unknown method '$method' (vanilla vanilla_lean gradfilter hosvd asi)" ;;
+                vanilla_lean_bn) args=(--model.method vanilla --model.lean true --model.train_bn_affine true) ;;
+                asi_bn) args=(--model.method asi --model.ranks 2 --model.train_bn_affine true) ;;
+                *) die "unknown method '$method' (vanilla vanilla_lean gradfilter hosvd asi vanilla_lean_bn asi_bn)" ;;
             esac
             out="$RUN_ROOT/memory/$model/${method}_$n.json"
             run_once "$out" --last-line "$out" -- \

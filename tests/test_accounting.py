@@ -86,7 +86,9 @@ def test_gradfilter_by_hand():
     r = acc.layer_report("gradfilter", S1, radius=3)  # ceil(4/3) = 2 per side, last patch partial
     assert r["memory_elements"] == 24
     r = acc.layer_report("gradfilter", DW, radius=2)
-    assert r["backward_flops"] == 3 * 1 * 8 == 24 and r["paper_backward_flops"] == 3 * 3 * 8
+    assert r["backward_flops"] == 3 * 1 * 8 == 24
+    # the authors' count: 2 B C' H'W'/R^2 + C' C (K-1) + K C C' B H W (input size, groups ignored)
+    assert r["paper_backward_flops"] == 2 * 2 * 3 * 16 // 4 + 3 * 3 * 8 + 9 * 3 * 3 * 2 * 16
     for bad in (None, 0, True):
         with pytest.raises(ValueError, match="radius"):
             acc.layer_report("gradfilter", S1, radius=bad)

@@ -265,10 +265,11 @@ def test_low_rank_asi_gradient_is_an_approximation_of_bounded_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear 2-D / 3-D
+# Linear 2-D / 3-D / 4-D ((B, H, W, C) as torchvision's Swin feeds its MLPs)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(12, 7), (3, 5, 7)])
-@pytest.mark.parametrize("method,options", [("asi", dict(ranks=1000)), ("hosvd", dict(eps=1.0))])
+@pytest.mark.parametrize("shape", [(12, 7), (3, 5, 7), (2, 3, 4, 7)])
+@pytest.mark.parametrize("method,options", [("asi", dict(ranks=1000)), ("hosvd", dict(eps=1.0)),
+                                            ("vanilla", {})])
 def test_linear_full_rank_gradients_equal_autograd(shape, method, options):
     torch.manual_seed(0)
     lin = nn.Linear(7, 4).double()
@@ -287,7 +288,7 @@ def test_linear_full_rank_gradients_equal_autograd(shape, method, options):
     _assert_close(xi.grad, xr.grad)
 
 
-@pytest.mark.parametrize("shape,ranks", [((12, 7), (3, 3)), ((4, 6, 7), (2, 3, 2))])
+@pytest.mark.parametrize("shape,ranks", [((12, 7), (3, 3)), ((4, 6, 7), (2, 3, 2)), ((3, 4, 5, 7), (2, 3, 2, 3))])
 def test_linear_low_rank_path_exact_on_low_rank_input(shape, ranks):
     g = torch.Generator().manual_seed(1)
     x = _tucker_tensor(shape, ranks, g)
@@ -478,7 +479,7 @@ def test_half_precision_runs(dtype):
 # bad input
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(method="lora", num_finetune=1), "unknown method 'lora'; valid methods: ['vanilla', 'gradfilter', 'hosvd', 'asi']"),
+    (dict(method="lora", num_finetune=1), "unknown method 'lora'; valid methods: ['vanilla', 'gradfilter', 'hosvd', 'asi', 'gradfilter_paper']"),
     (dict(method="asi", num_finetune=1, ranks=0), "layer '6': asi ranks must be integers >= 1, got 0"),
     (dict(method="asi", num_finetune=1, ranks=(2, 0, 2, 2)), "layer '6': asi ranks must be integers >= 1, got (2, 0, 2, 2)"),
     (dict(method="hosvd", num_finetune=1, eps=0.0), "layer '6': hosvd eps must be in (0, 1], got 0.0"),

@@ -74,7 +74,10 @@ def test_recipes_hold_the_paper_hyperparameters(tmp_path, ckpts, monkeypatch):
     p = instantiate("--config", "configs/recipes/setupB_pretrain.yaml", *BASE, tmp_path=tmp_path)
     assert p.model.hparams.method == "vanilla" and len(p.model.patched) == 42
     assert not p.model.hparams.set_bn_eval
-
+    # the authors' recipe values (README "Differences from the authors' code")
+    ha = a.model.hparams
+    assert (ha.lr_min_factor, ha.scheduler_interval, ha.train_bn_affine) == (0.1, "epoch", True)
+    assert a.datamodule.augment == "paper" and p.datamodule.partition_file == "auto"
 
 def test_ranks_accept_one_int_or_a_list_of_4_tuples(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)

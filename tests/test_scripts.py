@@ -52,7 +52,7 @@ DRY = {
                        "--model.budget hosvd@0.8"]),
     "baselines": (264, ["--exp_name lall --model.method vanilla --model.num_finetune all",
                         "--exp_name l2 --model.method vanilla --model.num_finetune 2",
-                        "--exp_name l4_R7 --model.method gradfilter --model.num_finetune 4 --model.radius 7",
+                        "--exp_name l4_R7 --model.method gradfilter_paper --model.num_finetune 4 --model.radius 7",
                         "--exp_name l2_eps0.8 --model.method hosvd --model.num_finetune 2 --model.eps 0.8",
                         "setupB_finetune.yaml --config configs/models/resnet18.yaml --config configs/data/imagenet.yaml",
                         "setupA.yaml --config configs/models/mcunet.yaml --config configs/data/pets.yaml"]),
@@ -62,7 +62,7 @@ DRY = {
                         "--model.budget hosvd@0.8 --model.warm_start true"]),
     "latency": (2, ["python main.py benchmark --config configs/models/mcunet.yaml --model.num_finetune 4 "
                     "--model.ranks 2 --data.batch_size 128 --data.resolution 224 "
-                    "--benchmark.methods vanilla,gradfilter,hosvd,asi | tail -n 1 > {runs}/latency/4.json"]),
+                    "--benchmark.methods vanilla,gradfilter_paper,hosvd,asi | tail -n 1 > {runs}/latency/4.json"]),
     "pretrain_setupB": (4, ["main.py fit --config configs/recipes/setupB_pretrain.yaml --config "
                             "configs/models/resnet34.yaml --config configs/data/imagenet.yaml", "--exp_name pretrain"]),
 }
