@@ -334,9 +334,11 @@ class ASICLI(LightningCLI):
         hp = obj.get("hyper_parameters") or {}
         dhp = obj.get("datamodule_hyper_parameters") or {}
         seed = cfg.get("seed_everything")
-        mine = run_settings(cfg.model.as_dict(), cfg.data.as_dict() if data_too and dhp else {}, seed)
-        theirs = run_settings({k: v for k, v in hp.items() if k in cfg.model},
-                              {k: v for k, v in dhp.items() if k in cfg.data} if data_too else {}, seed)
+        # options both sides know (a checkpoint older than an option says nothing about it)
+        model_keys = [k for k in cfg.model.as_dict() if k in hp]
+        data_keys = [k for k in cfg.data.as_dict() if k in dhp] if data_too else []
+        mine = run_settings({k: cfg.model[k] for k in model_keys}, {k: cfg.data[k] for k in data_keys}, seed)
+        theirs = run_settings({k: hp[k] for k in model_keys}, {k: dhp[k] for k in data_keys}, seed)
         diff = settings_diff(theirs, mine)
         if diff:
             self._error(f"{what} {ckpt} was made with other settings than this command's ({len(diff)} "
@@ -434,6 +436,10 @@ class ASICLI(LightningCLI):
                 self._error(f"{self.run_dir} holds a trained run but no checkpoints/best.ckpt: give the weights to "
                             f"{self.subcommand} with --ckpt_path (evaluating the untrained model would replace "
                             f"the run's results)")
+            else:
+                print(f"{self.subcommand}: no run with these settings in {self.run_dir} (no checkpoints/best.ckpt): "
+                      f"evaluating the model as built, untrained. To evaluate a fit, give the same settings as "
+                      f"its fit (or its --exp_name), or --ckpt_path", file=sys.stderr)
         elif cfg.ckpt_path not in ("best", "last"):
             self._check_checkpoint_settings(cfg, Path(cfg.ckpt_path), "--ckpt_path", data_too=False)
 
