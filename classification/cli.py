@@ -621,7 +621,8 @@ class ASICLI(LightningCLI):
             out["status"] = "finished"
         cfg = self._section()
         if cfg.data.setup == "B" and cfg.data.half == 1:
-            out["exported_ckpt"] = str(self._export_pretrained(ck))
+            exported = self._export_pretrained(ck)
+            out["exported_ckpt"], out["exported_ckpt_sha256"] = str(exported), file_sha256(exported)
         if getattr(self.model, "rank_selection", None) is not None:  # asi ranks from --model.perplexity_file
             out["rank_selection"] = self.model.rank_selection
         write_metrics(self.run_dir, out)

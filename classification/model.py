@@ -176,7 +176,7 @@ def _is_int(v) -> bool:
 
 def check_model_options(method: str = "vanilla", num_finetune="all", ranks=None, eps: float = 0.8, radius: int = 2,
                         lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 1e-4, warmup_epochs: int = 0,
-                        **_) -> list[str]:
+                        warm_start: bool = True, **_) -> list[str]:
     """Check the numbers of the model options before anything is built: ValueError naming the option, the value and
     the valid range. Returns warnings for options set away from their default that ``method`` ignores."""
     def bad(option, value, valid):
@@ -210,8 +210,8 @@ def check_model_options(method: str = "vanilla", num_finetune="all", ranks=None,
             bad("ranks", ranks, "asi ranks must be one integer >= 1, one list of per-mode ranks for every layer, or "
                                 "one such list per fine-tuned layer, of integers >= 1")
     warnings_ = []
-    defaults = {"eps": 0.8, "radius": 2, "ranks": None}
-    given = {"eps": eps, "radius": radius, "ranks": ranks}
+    defaults = {"eps": 0.8, "radius": 2, "ranks": None, "warm_start": True}
+    given = {"eps": eps, "radius": radius, "ranks": ranks, "warm_start": warm_start}
     for option, value in given.items():
         if option not in used and value != defaults[option]:
             owners = [m for m, opts in METHOD_OPTIONS.items() if option in opts]
@@ -318,7 +318,7 @@ class ClassificationModel(pl.LightningModule):
         if method not in asi_core.METHODS:
             raise ValueError(f"Unknown method {method!r}; valid choices: {', '.join(asi_core.METHODS)}")
         for msg in check_model_options(method, num_finetune, ranks, eps, radius, lr, momentum, weight_decay,
-                                       warmup_epochs):
+                                       warmup_epochs, warm_start):
             rank_zero_warn(msg)
         if not pretrained and checkpoint is None and (num_finetune != "all" or set_bn_eval):
             why = []

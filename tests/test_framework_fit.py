@@ -99,6 +99,8 @@ def test_setup_b_pretrain_exports_and_finetune_starts_from_it(run_cli, tmp_path,
     assert pre_dir.parent == tmp_path / "runs" / "setupB" / "mcunet" / "digits" / "vanilla" and export.is_file()
     assert pre_dir.name.startswith("pretrain_")
     assert json.loads((pre_dir / "metrics.json").read_text())["exported_ckpt"] == str(export)
+    assert json.loads((pre_dir / "metrics.json").read_text())["exported_ckpt_sha256"] == \
+        __import__("hashlib").sha256(export.read_bytes()).hexdigest()  # which file this run exported, by content
     # pretraining trains everything, BatchNorm included (its statistics left their init of 0)
     assert len(pre.model.patched) == 42 and pre.model.net.first_conv.bn.running_mean.abs().sum() > 0
     exported = torch.load(export, map_location="cpu", weights_only=True)["state_dict"]

@@ -146,6 +146,9 @@ def test_conv_ranks_of_the_wrong_length_fail_at_patch():
 def test_options_the_method_ignores_are_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"--model.eps 5 is ignored by --model.method vanilla \(it applies to hosvd\)"):
         ClassificationModel(pretrained=False, method="vanilla", num_finetune="all", eps=5)
+    with pytest.warns(UserWarning, match=r"--model.warm_start False is ignored by --model.method hosvd \(it applies "
+                                         r"to asi\)"):
+        ClassificationModel(pretrained=False, method="hosvd", num_finetune="all", warm_start=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ClassificationModel(pretrained=False, method="hosvd", num_finetune="all", eps=0.5, set_bn_eval=False)
