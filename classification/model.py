@@ -424,9 +424,9 @@ class ClassificationModel(pl.LightningModule):
                 f"the checkpoint's compression buffers do not match this model (--model.method "
                 f"{self.hparams.method}, --model.num_finetune {self.hparams.num_finetune}): unexpected keys "
                 f"{extra[:4]}{' ...' if len(extra) > 4 else ''}, missing keys {missing[:4]}"
-                f"{' ...' if len(missing) > 4 else ''}. Load it into a model built with the checkpoint's own method and "
-                f"num_finetune (its run's config.yaml), or start from its weights only with --model.checkpoint, "
-                f"which ignores compression buffers") from err
+                f"{' ...' if len(missing) > 4 else ''}. Load it into a model built with the checkpoint's own method "
+                f"and num_finetune (its run's config.yaml), or start from its weights only with "
+                f"--model.checkpoint, which ignores compression buffers") from err
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val", self.val_acc)

@@ -156,8 +156,9 @@ def test_options_the_method_ignores_are_named_in_a_warning():
 
 # ------------------------------------------------------------------------------------------ problem 9
 def test_a_few_layers_on_a_random_frozen_backbone_warn_that_only_they_learn():
-    with pytest.warns(RandomBackboneWarning, match=r"only the last 2 layer\(s\) and the head learn, on top of a "
-                                                   r"randomly initialised and frozen backbone.*--model.num_finetune all"):
+    with pytest.warns(RandomBackboneWarning, match=r"only the last 2 layer\(s\) and the head learn, on top of "
+                                                   r"a randomly initialised and frozen backbone.*--model.num_finetune "
+                                                   r"all"):
         ClassificationModel(pretrained=False, method="vanilla", num_finetune=2, set_bn_eval=False)
     with pytest.warns(RandomBackboneWarning, match=r"BatchNorm stays in eval mode with its initial statistics.*"
                                                    r"--model.set_bn_eval false"):
