@@ -385,10 +385,10 @@ class ASICLI(LightningCLI):
                     self._error(f"--resume: {self.run_dir} holds a finished run that recorded no settings (made "
                                 f"before they were kept); whether it matches this command cannot be told. Keep it "
                                 f"(leave it out of the sweep) or redo it with --overwrite true")
-            elif old.get("status") == "finished":
+            elif old.get("status") in ("finished", "diverged"):
                 if launcher:
-                    print(f"done: {self.run_dir} already finished with these settings (metrics.json); nothing to do",
-                          file=sys.stderr)
+                    print(f"done: {self.run_dir} already ran to its end with these settings (status "
+                          f"{old['status']}, metrics.json); nothing to do", file=sys.stderr)
                 raise SystemExit(0)
             elif last.is_file():
                 cfg.ckpt_path = str(last)
@@ -580,6 +580,7 @@ class ASICLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         cfg = self._section()
+        self._previous_status = read_metrics(self.run_dir).get("status")
         out = {"status": "running", "run_settings": self._settings_of(cfg),
                "settings_hash": settings_hash(self._settings_of(cfg)), "command": sys.argv[1:],
                "resumed_from": cfg.ckpt_path}
@@ -612,7 +613,10 @@ class ASICLI(LightningCLI):
         if ck_last is not None:
             out["last_ckpt"] = ck_last.best_model_path or ck_last.last_model_path
         diverged = sorted(k for k, v in fit.items() if "loss" in k and not math.isfinite(v))
-        if diverged:
+        if not fit:  # resumed at its end: nothing trained in this call, the recorded results and status stay
+            del out["fit"]
+            out["status"] = getattr(self, "_previous_status", None) or "finished"
+        elif diverged:
             out["status"], out["diverged"] = "diverged", diverged
             print(f"warning: the run diverged: {', '.join(diverged)} not finite "
                   f"({out['nonfinite_train_steps']} training step(s) had a non-finite loss); metrics.json marks it "

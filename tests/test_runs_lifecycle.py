@@ -118,6 +118,12 @@ def test_a_run_is_never_overwritten_and_evaluation_uses_its_best_checkpoint(run_
     assert "already holds a run (finished at step 3)" in err and "--overwrite true" in err
     assert ((run / "metrics.json").read_text(), (run / "checkpoints" / "last.ckpt").read_bytes()) == before
 
+    # resuming a run that is already at its end trains nothing and keeps its results and status
+    run_cli("fit", *ASI, "--exp_name", "t", "--ckpt_path", "last")
+    m = metrics(run)
+    assert m["status"] == "finished" and m["global_step"] == 3 and "val/acc" in m["fit"]
+    assert m["fit"] == json.loads(before[0])["fit"]
+
     # test without --ckpt_path: the run's best checkpoint, not the untrained model
     cli = run_cli("test", *ASI, "--exp_name", "t")
     m = metrics(run)
