@@ -49,9 +49,10 @@ import asi_core
 
 from .backbones import MODELS, ckpt_dir
 from .callbacks import ResourceAccounting, WeightsDigest
+from .llm import is_llm, source_of as tokenizer_source
 from .data import DATASETS, ClassificationData, input_shape_of, num_classes_of
 from .measure import PAPER_EPSILONS, PERPLEXITY_FILE, measure_exp_name
-from .model import ASI_DEFAULT_RANKS, ClassificationModel
+from .model import ASI_DEFAULT_RANKS, MODEL_METHODS, ClassificationModel
 from .report import report
 from .rundir import default_exp_name, run_dir, write_metrics
 
@@ -170,7 +171,7 @@ class ASICLI(LightningCLI):
 
     def _check_choices(self, cfg: Namespace) -> None:
         for what, value, choices in (("model", cfg.model.backbone, MODELS), ("dataset", cfg.data.name, DATASETS),
-                                     ("method", cfg.model.method, asi_core.METHODS)):
+                                     ("method", cfg.model.method, MODEL_METHODS)):
             if value not in choices:
                 self._parser(self.subcommand).error(
                     f"Unknown {what} {value!r}; valid choices: {', '.join(choices)}")
@@ -187,6 +188,10 @@ class ASICLI(LightningCLI):
             m.ranks = 2  # benchmark's asi default: rank 2 on every mode (the paper's latency setting)
         if self.subcommand in ("profile", "benchmark"):  # random weights on random input: nothing to load or download
             m.pretrained = False
+        if self.subcommand == "profile" and m.get("shape_only") is None and is_llm(m.backbone):
+            m.shape_only = True  # an LLM's profile runs shape-only (FakeTensorMode): real shapes, no arithmetic
+        if d.get("tokenizer") is None and DATASETS[d.name].kind == "text" and is_llm(m.backbone):
+            d.tokenizer = tokenizer_source(m.backbone, m.get("name_or_path"))  # the model's own tokenizer
         elif d.setup == "B" and d.half == 2 and m.checkpoint is None:
             default = setup_b_checkpoint(m.backbone, d.name)
             if not default.is_file():
@@ -248,7 +253,8 @@ class ASICLI(LightningCLI):
         """
         from .resources import profile_report
 
-        out = profile_report(model, datamodule.batch_size, datamodule.resolution, device)
+        out = profile_report(model, datamodule.batch_size, datamodule.resolution, device,
+                             max_length=datamodule.max_length)
         print(json.dumps(out), flush=True)
         self.profile_result = out
 

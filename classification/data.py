@@ -22,6 +22,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from .text_data import BOOLQ_HOW_TO
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -77,6 +79,16 @@ class DatasetSpec:
     num_classes: int
     build: Callable  # (root: Path, download: bool) -> (train pool, official test set or None)
     how_to_obtain: str
+    kind: str = "image"  # "text": build(root, download, tokenizer=, max_length=) -> token datasets (text_data.py)
+
+
+def _text(name: str) -> Callable:
+    def build(root: Path, download: bool, tokenizer: Optional[str] = None, max_length: int = 512):
+        from . import text_data
+        if name == "digits_tokens":
+            return text_data.digits_tokens(), None
+        return text_data.boolq(root, tokenizer, max_length)
+    return build
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -107,6 +119,9 @@ DATASETS: dict[str, DatasetSpec] = {
         1000, _image_folder("train", "val"),
         "ImageNet-1k (ILSVRC2012, https://image-net.org/download) in ImageFolder layout: "
         "<root>/imagenet/train/<wnid>/*.JPEG and <root>/imagenet/val/<wnid>/*.JPEG"),
+    "digits_tokens": DatasetSpec(10, _text("digits_tokens"), "bundled with scikit-learn; nothing to download",
+                                 kind="text"),
+    "boolq": DatasetSpec(2, _text("boolq"), BOOLQ_HOW_TO, kind="text"),
 }
 
 
@@ -221,6 +236,8 @@ class ClassificationData(pl.LightningDataModule):
         resolution: int = 224,
         num_workers: int = 4,
         download: bool = False,
+        max_length: int = 512,
+        tokenizer: Optional[str] = None,
     ):
         """Image classification data.
 
@@ -238,6 +255,9 @@ class ClassificationData(pl.LightningDataModule):
             resolution: Square input resolution in pixels.
             num_workers: DataLoader worker processes.
             download: Let torchvision download the dataset when it is missing (needs internet).
+            max_length: Text datasets (boolq): tokens per sample, truncated / padded to it (paper: 512).
+            tokenizer: Text datasets (boolq): a model directory, a tokenizer.json or a hub name; default: the LLM
+                backbone's own (--model.backbone tinyllama or --model.name_or_path).
         """
         super().__init__()
         self.spec = get_dataset_spec(name)
@@ -245,6 +265,7 @@ class ClassificationData(pl.LightningDataModule):
         self.partition_file, self.num_shards = partition_file, num_shards
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.batch_size, self.resolution, self.num_workers, self.download = batch_size, resolution, num_workers, download
+        self.max_length, self.tokenizer = max_length, tokenizer
         self.run_dir: Optional[Path] = None  # set by the CLI; setup B writes partition.json there
         self.partition: Optional[tuple[list[int], list[int]]] = None
         self._built = False
@@ -260,9 +281,14 @@ class ClassificationData(pl.LightningDataModule):
     def _build_pool(self):
         if self.name == "digits":
             return DigitsDataset(self.resolution), None
+        text = self.spec.kind == "text"
         try:
+            if text:
+                return self.spec.build(self.dataset_dir, self.download, self.tokenizer, self.max_length)
             return self.spec.build(self.dataset_dir, self.download)
         except (RuntimeError, FileNotFoundError) as err:
+            if text and "tokenizer" in str(err):
+                raise
             raise FileNotFoundError(
                 f"Dataset {self.name!r} not found under {self.dataset_dir} ({err}).\n"
                 f"How to obtain it: {self.spec.how_to_obtain}.\n"
@@ -270,7 +296,7 @@ class ClassificationData(pl.LightningDataModule):
             ) from err
 
     def prepare_data(self):
-        if self.download and self.name != "digits":
+        if self.download and self.name != "digits" and self.spec.kind != "text":
             self._build_pool()  # downloads once, on one process per node
 
     def setup(self, stage: Optional[str] = None):
@@ -291,12 +317,14 @@ class ClassificationData(pl.LightningDataModule):
                                     source=str(self.partition_file or "computed")))
             indices = halves[self.half - 1]
         train_idx, val_idx = train_val_split(indices, self.val_fraction, self.split_seed)
-        is_tensor = self.name == "digits"
+        is_tensor = self.name == "digits" or self.spec.kind == "text"
         t_train = None if is_tensor else image_transforms(self.resolution, True)
         t_eval = None if is_tensor else image_transforms(self.resolution, False)
         self.train_set = TransformSubset(pool, train_idx, t_train)
         self.val_set = TransformSubset(pool, val_idx, t_eval)
         self.test_set = TransformSubset(test, range(len(test)), t_eval) if test is not None else self.val_set
+        if not val_idx and test is not None:  # --data.val_fraction 0: validate on the official test split (BoolQ dev)
+            self.val_set = self.test_set
         self._built = True
 
     def _loader(self, ds, shuffle: bool):

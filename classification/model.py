@@ -32,6 +32,9 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "hosvd": ("eps",),
     "asi": ("ranks", "warm_start"),
 }
+# --model.method choices: asi_core's activation-compression methods, plus LoRA (peft adapters on the fine-tuned
+# linears, trained as they are: vanilla compression on their lora_A layers; see ClassificationModel)
+MODEL_METHODS: tuple[str, ...] = (*asi_core.METHODS, "lora")
 
 _BN = nn.modules.batchnorm._BatchNorm
 ASI_DEFAULT_RANKS = 4  # --model.ranks when neither ranks nor a perplexity file is given
@@ -176,17 +179,27 @@ class ClassificationModel(pl.LightningModule):
         warmup_epochs: int = 0,
         scheduler: Literal["cosine", "constant"] = "cosine",
         input_shape: Optional[List[int]] = None,
+        name_or_path: Optional[str] = None,
+        lora: bool = False,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: Optional[Union[str, List[str]]] = None,
+        shape_only: Optional[bool] = None,
+        num_blocks: Optional[int] = None,
     ):
         """Classifier fine-tuned with activation compression.
 
         Args:
-            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18 or resnet34.
+            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18, resnet34; LLMs
+                (classification/llm.py): tinyllama (TinyLlama-1.1B-Chat-v1.0), llama_tiny (a tiny random-init LLaMA)
+                or hf (any LLaMA-family model given by --model.name_or_path).
             num_classes: Classes of the head; linked from --data.name, not set by hand.
             pretrained: Start from the published ImageNet weights (setup A). If they can be neither found
                 under ckpts/imagenet/ nor downloaded, the run stops and names the file to provide.
             checkpoint: Start from this checkpoint instead (setup B: the pretraining run's file under ckpts/).
                 Its head is reused when the class count matches.
-            method: Activation compression: vanilla, gradfilter, hosvd or asi (asi_core.METHODS).
+            method: Activation compression: vanilla, gradfilter, hosvd or asi (asi_core.METHODS); or lora: peft LoRA
+                adapters on the fine-tuned linears, only they (and the head) train.
             num_finetune: Number of last layers (of --model.layer_type, matching --model.include) to train, or
                 "all". Everything registered before the first of them is frozen.
             layer_type: What num_finetune counts: "conv" (nn.Conv2d) or "linear" (nn.Linear). Default: the
@@ -217,18 +230,47 @@ class ClassificationModel(pl.LightningModule):
             scheduler: "cosine" annealing to 0 over the run (paper), or "constant".
             input_shape: Network input [batch size, 3, resolution, resolution]; linked from --data.batch_size and
                 --data.resolution, not set by hand. Checked against --model.perplexity_file (None: not checked).
+            name_or_path: LLM backbones: a local model directory or a hub name to load (weights, config); default for
+                tinyllama: ckpts/hf/TinyLlama-1.1B-Chat-v1.0/ when it exists, else the hub.
+            lora: With vanilla/hosvd/asi: add LoRA adapters on the fine-tuned linears and compress the input of their
+                lora_A layers with the method (ASI composed with LoRA). --model.method lora is the same with vanilla.
+            lora_rank: LoRA rank r.
+            lora_alpha: LoRA scaling alpha (the update is alpha / r * B A x).
+            lora_targets: LoRA on these linears (a regex or glob, or a list; matched like --model.include) instead of
+                the last --model.num_finetune ones.
+            shape_only: LLM backbones: build the network with fake tensors (FakeTensorMode: no memory, no arithmetic,
+                real shapes); `profile` sets it for LLMs. None = false outside profile.
+            num_blocks: LLM backbones: keep only the last N decoder blocks (benchmarks of a real-width model on a CPU).
         """
         super().__init__()
         self.save_hyperparameters()
-        if method not in asi_core.METHODS:
-            raise ValueError(f"Unknown method {method!r}; valid choices: {', '.join(asi_core.METHODS)}")
+        if method not in MODEL_METHODS:
+            raise ValueError(f"Unknown method {method!r}; valid choices: {', '.join(MODEL_METHODS)}")
         spec = get_spec(backbone)
         self.layer_type = layer_type or spec.layer_type
         self.include = include if include is not None else spec.include
-        self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None)
+        family = {}
+        if spec.create is not None:  # LLMs build and load themselves
+            family = dict(name_or_path=name_or_path, shape_only=bool(shape_only), num_blocks=num_blocks)
+        elif name_or_path is not None or shape_only or num_blocks is not None:
+            raise ValueError(f"--model.name_or_path, shape_only and num_blocks are for the LLM backbones, not {backbone}")
+        self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None, **family)
         if checkpoint is not None:
             load_checkpoint_weights(self.net, checkpoint, spec.head)
-        options = {k: getattr(self.hparams, k) for k in METHOD_OPTIONS.get(method, ())}
+        compress, lora_layers, lora_b = method, None, []
+        if method == "lora" or lora:
+            if method not in ("lora", "vanilla", "hosvd", "asi"):
+                raise ValueError(f"--model.lora true composes LoRA with vanilla, hosvd or asi, not {method}")
+            if perplexity_file is not None:
+                raise ValueError("--model.perplexity_file is not supported with LoRA: give --model.ranks")
+            from .llm import add_lora
+            targets = (asi_core.candidate_layers(self.net, "linear", lora_targets) if lora_targets is not None else
+                       finetune_candidates(self.net, num_finetune, self.layer_type, self.include))
+            lora_layers, lora_b = add_lora(self.net, targets, lora_rank, lora_alpha)
+            compress = "vanilla" if method == "lora" else method
+            for p in self.net.get_submodule(spec.head).parameters():
+                p.requires_grad_(True)
+        options = {k: getattr(self.hparams, k) for k in METHOD_OPTIONS.get(compress, ())}
         self.rank_selection: Optional[dict] = None  # set when ranks come from a perplexity file
         _check_rank_arguments(method, ranks, perplexity_file, budget)
         if perplexity_file is not None:
@@ -237,8 +279,14 @@ class ClassificationModel(pl.LightningModule):
             options["ranks"] = [tuple(layer["ranks"]) for layer in self.rank_selection["layers"]]
         elif "ranks" in options:
             options["ranks"] = ranks_option(ranks)
-        self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean,
-                                      layer_type=self.layer_type, include=self.include, **options)
+        if lora_layers is not None:  # the lora_A linears (their input is the activation LoRA keeps)
+            self.patched = asi_core.patch(self.net, compress, layers=lora_layers, lean=lean, layer_type="linear",
+                                          **options)
+        else:
+            self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean,
+                                          layer_type=self.layer_type, include=self.include, **options)
+        if hasattr(self.net, "freeze_unpatched"):  # LLMs: only the patched linears (+ lora_B) and the head train
+            self.net.freeze_unpatched(lora_b)
         if set_bn_eval:
             for m in self.net.modules():
                 if isinstance(m, _BN):
