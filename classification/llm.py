@@ -166,9 +166,15 @@ class SequenceClassifier(nn.Module):
             p.requires_grad_(id(p) in keep)
 
     def random_input(self, batch_size: int, length: int) -> dict:
-        """Random token ids (no padding) as a batch input: ``profile`` / ``benchmark``."""
+        """Random token ids as a batch input (``profile`` / ``benchmark``), the last sample ending in one pad
+        token: a padded batch, as BoolQ's at 512 tokens always are, so attention runs with its explicit mask
+        (an all-ones mask lets transformers drop it, a data-dependent choice shape-only execution cannot make)."""
         ids = torch.randint(3, self.config.vocab_size, (batch_size, length))
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        mask = torch.ones_like(ids)
+        if length > 1:
+            mask[-1, -1] = 0
+            ids[-1, -1] = self.pad_token_id if self.pad_token_id is not None else 0
+        return {"input_ids": ids, "attention_mask": mask}
 
 
 def create_llm(backbone: str, num_classes: int, pretrained: bool, name_or_path: Optional[str] = None,
@@ -243,8 +249,13 @@ def load_tokenizer(source: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        if source.endswith(".json") and os.path.isfile(source):
+        if source.endswith(".json") and os.path.isfile(source):  # a bare tokenizers file: name its special tokens
             tok = PreTrainedTokenizerFast(tokenizer_file=source)
+            vocab = tok.get_vocab()
+            names = {"bos_token": ("<s>", "[CLS]", "<|begin_of_text|>"), "eos_token": ("</s>", "[SEP]", "<|endoftext|>"),
+                     "pad_token": ("<pad>", "[PAD]"), "unk_token": ("<unk>", "[UNK]"), "sep_token": ("[SEP]",)}
+            tok.add_special_tokens({k: next(t for t in v if t in vocab) for k, v in names.items()
+                                    if any(t in vocab for t in v)})
         else:
             tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
