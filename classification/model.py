@@ -263,6 +263,9 @@ class ClassificationModel(pl.LightningModule):
                 raise ValueError(f"--model.lora true composes LoRA with vanilla, hosvd or asi, not {method}")
             if perplexity_file is not None:
                 raise ValueError("--model.perplexity_file is not supported with LoRA: give --model.ranks")
+            if self.layer_type != "linear" and lora_targets is None:
+                raise ValueError(f"LoRA adapts linear layers; {backbone} fine-tunes {self.layer_type} layers "
+                                 f"(use --model.layer_type linear or --model.lora_targets, or another method)")
             from .llm import add_lora
             targets = (asi_core.candidate_layers(self.net, "linear", lora_targets) if lora_targets is not None else
                        finetune_candidates(self.net, num_finetune, self.layer_type, self.include))
