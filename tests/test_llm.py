@@ -230,3 +230,26 @@ def test_profile_shape_only_matches_a_real_step(run_cli, capsys):
     assert fake["layers"] == real["layers"]
     assert [tuple(lay["input_shape"]) for lay in fake["layers"]] == [(4, 24, 176), (4, 24, 64), (4, 24, 64), (4, 24, 176)]
     assert fake["measured_activation_mib"] > fake["activation_mib"] > 0
+
+
+def test_report_shows_the_table4_layout(tmp_path):
+    from classification.report import collect, format_table
+
+    def run(method, n, gflops, acc, **model_args):
+        d = tmp_path / method / f"{n}{'_lora' if model_args.get('lora') else ''}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({
+            "settings": {"setup": "A", "model": "tinyllama", "dataset": "boolq", "method": method, "num_finetune": n,
+                         "model_args": {"ranks": 20, "lora_rank": 8, **model_args}},
+            "val_acc": acc, "epochs_completed": 1,
+            "resources": {"activation_mib": 0.509, "paper_gflops": gflops, "train_gflops": gflops + 7}}))
+
+    run("vanilla", 1, 1511.83, 0.6594)
+    run("asi", 1, 803.56, 0.6469)
+    run("asi", 1, 47.5, 0.6, lora=True)
+    run("lora", 1, 6.0, 0.6, lora=False)
+    text = format_table(collect([tmp_path], flops="paper"), "md")
+    assert "| Mem (MiB) ↓ | TFLOPs ↓ |" in text and "2 FLOPs per multiply-add" in text
+    assert "| Vanilla training | 1 | 65.94 | 0.51 | 3.02 |" in text  # Table 4's first row
+    assert "| ASI (r = 20) | 1 | 64.69 | 0.51 | 1.61 |" in text
+    assert "| LoRA r8 + ASI (r = 20) | 1 |" in text and "| LoRA (r = 8) | 1 |" in text
