@@ -282,8 +282,9 @@ class ASICLI(LightningCLI):
         from .benchmark import benchmark_models
 
         names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+        size = datamodule.max_length if getattr(model.net, "is_language_model", False) else datamodule.resolution
         out = benchmark_models(self._section().model.as_dict(), names, datamodule.batch_size,
-                               datamodule.resolution, steps=steps, warmup=warmup, per_layer=per_layer, device=device)
+                               size, steps=steps, warmup=warmup, per_layer=per_layer, device=device)
         print(json.dumps(out), flush=True)
         self.benchmark_result = out
 

@@ -201,7 +201,9 @@ class ClassificationModel(pl.LightningModule):
             method: Activation compression: vanilla, gradfilter, hosvd or asi (asi_core.METHODS); or lora: peft LoRA
                 adapters on the fine-tuned linears, only they (and the head) train.
             num_finetune: Number of last layers (of --model.layer_type, matching --model.include) to train, or
-                "all". Everything registered before the first of them is frozen.
+                "all". Everything registered before the first of them is frozen. LLM backbones: only those
+                linears and the head train (the last block's norms come after its MLP in registration order), and
+                "all" trains the whole network (pretraining).
             layer_type: What num_finetune counts: "conv" (nn.Conv2d) or "linear" (nn.Linear). Default: the
                 backbone's (conv for the CNNs, linear for the transformers).
             include: Only layers whose qualified name matches: a regex searched in the name ("mlp") or a glob
@@ -288,8 +290,12 @@ class ClassificationModel(pl.LightningModule):
         else:
             self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean,
                                           layer_type=self.layer_type, include=self.include, **options)
-        if hasattr(self.net, "freeze_unpatched"):  # LLMs: only the patched linears (+ lora_B) and the head train
-            self.net.freeze_unpatched(lora_b)
+        if hasattr(self.net, "freeze_unpatched"):  # LLMs: only the patched linears (+ lora_B) and the head train,
+            if num_finetune == "all" and lora_layers is None:  # or everything ("all": pretraining, setup B half 1)
+                for p in self.net.parameters():
+                    p.requires_grad_(True)
+            else:
+                self.net.freeze_unpatched(lora_b)
         if set_bn_eval:
             for m in self.net.modules():
                 if isinstance(m, _BN):
