@@ -164,7 +164,8 @@ class ASICLI(LightningCLI):
                             help="Root of the run directories (runs/<setup>/<model>/<dataset>/<method>/<exp_name>/).")
         parser.link_arguments("data.name", "model.num_classes", compute_fn=num_classes_of)
         # the model checks a --model.perplexity_file against the input shape at construction, before any data loads
-        parser.link_arguments(("data.batch_size", "data.resolution"), "model.input_shape", compute_fn=input_shape_of)
+        parser.link_arguments(("data.batch_size", "data.resolution", "data.name", "data.max_length"), "model.input_shape",
+                              compute_fn=input_shape_of)
 
     def _section(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config

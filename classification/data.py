@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from .text_data import BOOLQ_HOW_TO
+from .text_data import BOOLQ_HOW_TO, DIGITS_TOKENS_LENGTH
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -136,8 +136,12 @@ def num_classes_of(name: str) -> int:
     return get_dataset_spec(name).num_classes
 
 
-def input_shape_of(batch_size: int, resolution: int) -> list[int]:
-    """Network input shape of a batch, ``[batch_size, 3, resolution, resolution]`` (every dataset is RGB)."""
+def input_shape_of(batch_size: int, resolution: int, name: Optional[str] = None,
+                   max_length: Optional[int] = None) -> list[int]:
+    """Network input shape of a batch: ``[batch_size, 3, resolution, resolution]`` (every image dataset is RGB), or
+    ``[batch_size, tokens]`` for a text dataset (``name``: its ``max_length``; digits_tokens: 65)."""
+    if name is not None and name in DATASETS and DATASETS[name].kind == "text":
+        return [batch_size, DIGITS_TOKENS_LENGTH if name == "digits_tokens" else int(max_length or 512)]
     return [batch_size, 3, resolution, resolution]
 
 

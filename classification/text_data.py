@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+DIGITS_TOKENS_LENGTH = 65  # 64 pixels + eos
 DIGIT_TOKEN_OFFSET = 3  # ids 0 (pad), 1 (bos), 2 (eos) are special; pixel value v is token v + 3
 BOOLQ_HOW_TO = (
     "BoolQ (Clark et al., 2019; the `datasets` library no longer runs the old super_glue script): download "
