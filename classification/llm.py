@@ -24,6 +24,7 @@ profile / benchmark / report, run directories, metrics.json, the recipe and ``Re
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -93,14 +94,16 @@ def _hf_config(backbone: str, name_or_path: Optional[str], num_classes: int, pad
     return cfg
 
 
-def _from_pretrained(source: str, config):
-    """transformers' loader (its own function so tests can simulate being offline)."""
+def _from_pretrained(source: str, num_classes: int, pad_token_id: Optional[int]):
+    """transformers' loader, config from the checkpoint (its own function so tests can simulate being offline)."""
     from transformers import AutoModelForSequenceClassification
 
+    config = _hf_config("hf", source, num_classes, pad_token_id)
     return AutoModelForSequenceClassification.from_pretrained(source, config=config, dtype=torch.float32)
 
 
-def load_pretrained(backbone: str, name_or_path: Optional[str], config) -> nn.Module:
+def load_pretrained(backbone: str, name_or_path: Optional[str], num_classes: int,
+                    pad_token_id: Optional[int] = None) -> nn.Module:
     """The pretrained causal LM as ``AutoModelForSequenceClassification`` (new ``score`` head), in float32.
     Raises FileNotFoundError naming the local directory to fill when neither it nor the hub works."""
     source = source_of(backbone, name_or_path)
@@ -109,7 +112,7 @@ def load_pretrained(backbone: str, name_or_path: Optional[str], config) -> nn.Mo
         raise FileNotFoundError(f"--model.backbone {backbone} has no published weights: pass --model.pretrained false "
                                 f"(random init on purpose), --model.checkpoint (setup B) or --model.name_or_path DIR")
     try:
-        return _from_pretrained(source, config)
+        return _from_pretrained(source, num_classes, pad_token_id)
     except (OSError, ValueError, EnvironmentError) as err:
         hub = HUB_NAMES.get(backbone, name_or_path)
         raise FileNotFoundError(
@@ -187,21 +190,20 @@ def create_llm(backbone: str, num_classes: int, pretrained: bool, name_or_path: 
 
     if pretrained and shape_only:
         raise ValueError("shape-only execution uses no weights: it needs --model.pretrained false")
-    config = _hf_config(backbone, name_or_path, num_classes, pad_token_id)
-    if num_blocks is not None:
-        if not 1 <= num_blocks <= config.num_hidden_layers:
-            raise ValueError(f"--model.num_blocks must be in [1, {config.num_hidden_layers}], got {num_blocks}")
     fake_mode = None
     if pretrained:
-        hf = load_pretrained(backbone, name_or_path, config)
-    elif shape_only:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # asi_core.patch adds real buffers (step)
-        with fake_mode:
-            hf = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        hf = load_pretrained(backbone, name_or_path, num_classes, pad_token_id)
+        config = hf.config
     else:
-        hf = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        config = _hf_config(backbone, name_or_path, num_classes, pad_token_id)
+        if shape_only:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # asi_core.patch adds real buffers (step)
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            hf = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    if num_blocks is not None and not 1 <= num_blocks <= config.num_hidden_layers:
+        raise ValueError(f"--model.num_blocks must be in [1, {config.num_hidden_layers}], got {num_blocks}")
     if fake_mode is None:
         hf.float()  # float32 unless asked otherwise (transformers 5 keeps a checkpoint's dtype by default)
     if num_blocks is not None and num_blocks < config.num_hidden_layers:

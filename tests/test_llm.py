@@ -175,7 +175,7 @@ def test_boolq_missing_files_say_where_and_how(tmp_path):
 
 
 def test_pretrained_but_missing_stops_naming_the_directory(monkeypatch, ckpts):
-    def offline(source, config):
+    def offline(source, num_classes, pad_token_id):
         raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {source}")
 
     monkeypatch.setattr(llm, "_from_pretrained", offline)
@@ -253,3 +253,39 @@ def test_report_shows_the_table4_layout(tmp_path):
     assert "| Vanilla training | 1 | 65.94 | 0.51 | 3.02 |" in text  # Table 4's first row
     assert "| ASI (r = 20) | 1 | 64.69 | 0.51 | 1.61 |" in text
     assert "| LoRA r8 + ASI (r = 20) | 1 |" in text and "| LoRA (r = 8) | 1 |" in text
+
+
+def test_two_process_cpu_ddp_fit_of_the_tiny_llama(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "ASI_CKPT_DIR": str(tmp_path / "ckpts"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "main.py", "fit", *TINY_LLM, "--model.method", "asi", "--model.ranks", "2",
+           "--model.num_finetune", "3", "--run_root", str(tmp_path / "runs"), "--exp_name", "ddp",
+           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs/setupA/llama_tiny/digits_tokens/asi/ddp/metrics.json").read_text())
+    assert metrics["settings"]["world_size"] == 2 and metrics["global_step"] == 2
+    assert len(metrics["weights_digests"]) == 2 and metrics["ranks_in_sync"]
+
+
+def test_pretrained_from_a_local_directory_offline(ckpts, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    facts = {k: v for k, v in llm.LLAMA_TINY_CONFIG.items() if k != "model_type"}
+    causal = LlamaForCausalLM(LlamaConfig(**facts))
+    target = ckpts / "hf" / "TinyLlama-1.1B-Chat-v1.0"  # where tinyllama looks offline
+    causal.save_pretrained(target)
+    net = llm.create_llm("tinyllama", 2, pretrained=True)  # a causal-LM checkpoint: new 2-class head
+    assert net.score.weight.shape == (2, 64) and net.score.weight.dtype == torch.float32
+    for name in ("model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        assert torch.equal(net.state_dict()[name], causal.state_dict()[name])
+    assert torch.equal(net.norm.weight, causal.model.norm.weight)
+    other = llm.create_llm("hf", 3, pretrained=True, name_or_path=str(target))
+    assert torch.equal(other.model.layers[0].mlp.up_proj.weight, causal.model.layers[0].mlp.up_proj.weight)
