@@ -252,6 +252,10 @@ class ClassificationModel(pl.LightningModule):
         self.layer_type = layer_type or spec.layer_type
         self.include = include if include is not None else spec.include
         family = {}
+        if shape_only and method == "hosvd":
+            raise ValueError("shape-only execution (--model.shape_only, profile's default for LLMs) cannot make a "
+                             "data-dependent choice, and hosvd's ranks come from the data: pass --model.shape_only "
+                             "false (a real step with random weights) or profile asi with --model.ranks")
         if spec.create is not None:  # LLMs build and load themselves
             family = dict(name_or_path=name_or_path, shape_only=bool(shape_only), num_blocks=num_blocks)
         elif name_or_path is not None or shape_only or num_blocks is not None:
