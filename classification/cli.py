@@ -245,7 +245,9 @@ class ASICLI(LightningCLI):
         fine-tuned layers, printed as one JSON object on the last line of stdout.
 
         Random weights (--model.pretrained is forced to false, no setup-B checkpoint is looked for) and a random
-        batch of shape (--data.batch_size, 3, --data.resolution, --data.resolution): no dataset, no download.
+        batch of shape (--data.batch_size, 3, --data.resolution, --data.resolution), for an LLM backbone random token
+        ids (--data.batch_size, tokens: --data.max_length, 65 for digits_tokens): no dataset, no download. LLMs run
+        shape-only (--model.shape_only, fake tensors: real shapes and saved tensors, no arithmetic, no memory).
         asi uses --model.ranks, whose default is 1 here (4 for fit); ranks given on the command line or in a
         --config file, or chosen from --model.perplexity_file, win. classification/resources.py documents the figures.
 
@@ -254,8 +256,9 @@ class ASICLI(LightningCLI):
         """
         from .resources import profile_report
 
+        shape = input_shape_of(datamodule.batch_size, datamodule.resolution, datamodule.name, datamodule.max_length)
         out = profile_report(model, datamodule.batch_size, datamodule.resolution, device,
-                             max_length=datamodule.max_length)
+                             max_length=shape[1] if len(shape) == 2 else None)  # text: (batch, tokens)
         print(json.dumps(out), flush=True)
         self.profile_result = out
 
@@ -283,7 +286,8 @@ class ASICLI(LightningCLI):
         from .benchmark import benchmark_models
 
         names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
-        size = datamodule.max_length if getattr(model.net, "is_language_model", False) else datamodule.resolution
+        shape = input_shape_of(datamodule.batch_size, datamodule.resolution, datamodule.name, datamodule.max_length)
+        size = shape[1] if len(shape) == 2 else datamodule.resolution  # text: tokens per sample
         out = benchmark_models(self._section().model.as_dict(), names, datamodule.batch_size,
                                size, steps=steps, warmup=warmup, per_layer=per_layer, device=device)
         print(json.dumps(out), flush=True)

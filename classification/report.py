@@ -280,7 +280,8 @@ def _md(rows: Sequence[dict]) -> str:
         if peaks:
             lines.append(f"HOSVD: peak {' and '.join(peaks)} over training (paper Sec. 4.1).  ")
         if any(r["gflops_source"] == "train" for r in group):
-            lines.append("GFLOPs per training step: forward + weight gradient + compression overhead, with "
+            lines.append(f"{'TFLOPs' if llm else 'GFLOPs'} per training step: forward + weight gradient + "
+                         "compression overhead, with "
                          "groups and strides counted (our count).  ")
         if any(r["gflops_source"] == "paper" for r in group):
             lines.append("GFLOPs: the paper's eq. 15-17 as written (comparable with its tables).  ")

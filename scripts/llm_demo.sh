@@ -7,7 +7,7 @@
 #   3. the report (accuracy, Mem MiB, TFLOPs) and measured activation memory of each run
 #
 #   bash scripts/llm_demo.sh [RUN_ROOT]        (default runs/llm_demo; DRY_RUN=1 prints the commands)
-#   DEMO_PRETRAIN_EPOCHS=30 DEMO_EPOCHS=15 RANK=8 DEMO_THREADS=1 override the defaults.
+#   DEMO_PRETRAIN_EPOCHS=30 DEMO_EPOCHS=15 RANK=16 DEMO_THREADS=1 override the defaults.
 #
 # Expected runtime: about 3-5 minutes on a shared 2-core CPU. Finished runs are skipped (resumable).
 RUN_ROOT="${1:-${RUN_ROOT:-runs/llm_demo}}"
@@ -16,7 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh" data "$RUN_ROOT"
 case "$RUN_ROOT" in /*) CKPT_ROOT="$RUN_ROOT" ;; *) CKPT_ROOT="$REPO/$RUN_ROOT" ;; esac
 export ASI_CKPT_DIR="$CKPT_ROOT/ckpts"
 export OMP_NUM_THREADS="${DEMO_THREADS:-1}"
-RANK="${RANK:-8}"
+RANK="${RANK:-16}"
 BASE=(--config configs/models/llama_tiny.yaml --config configs/data/digits_tokens.yaml --run_root "$RUN_ROOT"
       --trainer.enable_model_summary false)
 

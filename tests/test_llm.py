@@ -228,7 +228,8 @@ def test_profile_shape_only_matches_a_real_step(run_cli, capsys):
     for k in keys - {"shape_only", "layers"}:
         assert fake[k] == real[k], k
     assert fake["layers"] == real["layers"]
-    assert [tuple(lay["input_shape"]) for lay in fake["layers"]] == [(4, 24, 176), (4, 24, 64), (4, 24, 64), (4, 24, 176)]
+    assert fake["max_length"] == 65  # digits_tokens: 64 pixels + eos, whatever --data.max_length says
+    assert [tuple(lay["input_shape"]) for lay in fake["layers"]] == [(4, 65, 176), (4, 65, 64), (4, 65, 64), (4, 65, 176)]
     assert fake["measured_activation_mib"] > fake["activation_mib"] > 0
 
 
@@ -289,3 +290,22 @@ def test_pretrained_from_a_local_directory_offline(ckpts, monkeypatch):
     assert torch.equal(net.norm.weight, causal.model.norm.weight)
     other = llm.create_llm("hf", 3, pretrained=True, name_or_path=str(target))
     assert torch.equal(other.model.layers[0].mlp.up_proj.weight, causal.model.layers[0].mlp.up_proj.weight)
+
+
+def test_measure_then_fit_with_ranks_from_the_table(run_cli, tmp_path):
+    base = ["--config", "configs/models/llama_tiny.yaml", "--config", "configs/data/digits_tokens.yaml",
+            "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]
+    run_cli("measure", *base, "--measure.num_finetune", "3", "--measure.epsilons", "0.5,0.9", "--exp_name", "m",
+            tiny=False)
+    table_file = tmp_path / "runs/setupA/llama_tiny/digits_tokens/measure/m/perplexity.json"
+    table = json.loads(table_file.read_text())
+    assert table["input_shape"] == [8, 65] and list(table["layers"]) == [
+        f"model.layers.3.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    cli = run_cli("fit", *base, "--model.method", "asi", "--model.num_finetune", "3", "--model.perplexity_file",
+                  str(table_file), "--model.budget", "min", "--trainer.max_epochs", "1",
+                  "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1", tiny=False)
+    chosen = cli.model.rank_selection["layers"]
+    for c in chosen:  # budget "min": the smallest eps of each layer, its measured ranks
+        assert c["eps"] == 0.5 and c["ranks"] == table["layers"][c["name"]]["ranks"][0]
+    assert [layer.method.ranks for _, layer in asi_core.patched_layers(cli.model.net)] == [tuple(c["ranks"])
+                                                                                          for c in chosen]
