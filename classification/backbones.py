@@ -122,13 +122,16 @@ class MCUNet(nn.Module):
 # ----------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class ModelSpec:
-    builder: Callable[[], nn.Module]  # ImageNet-shaped network, random init
+    builder: Optional[Callable[[], nn.Module]]  # ImageNet-shaped network, random init (None: see create)
     head: str                         # dotted path of the final nn.Linear
     weights_url: str                  # published ImageNet weights
     weights_file: str                 # file name under <ckpt_dir>/imagenet/
     resolution: int                   # native ImageNet resolution (informative)
     layer_type: str = "conv"          # what --model.num_finetune counts by default (asi_core.patch's layer_type)
     include: Optional[str] = None     # default name filter of those layers (asi_core.patch's include), e.g. "mlp"
+    # families that build and load themselves (Hugging Face LLMs, classification/llm.py):
+    # create(num_classes, pretrained, **options) -> network with its head
+    create: Optional[Callable[..., nn.Module]] = None
 
 
 def _tv(fn_name: str) -> Callable[[], nn.Module]:
@@ -152,6 +155,18 @@ MODELS: dict[str, ModelSpec] = {
                           "https://download.pytorch.org/models/resnet34-b627a593.pth",
                           "resnet34-b627a593.pth", 224),
 }
+
+
+def _llm(backbone: str) -> Callable[..., nn.Module]:
+    def create(num_classes: int, pretrained: bool, **options) -> nn.Module:
+        from .llm import create_llm
+        return create_llm(backbone, num_classes, pretrained, **options)
+    return create
+
+
+# LLaMA-family sequence classifiers (classification/llm.py): "#Layers" = the last N linears named *mlp*
+for _name, _hub in (("tinyllama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"), ("llama_tiny", ""), ("hf", "")):
+    MODELS[_name] = ModelSpec(None, "score", _hub, "", 0, layer_type="linear", include="mlp", create=_llm(_name))
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -219,13 +234,17 @@ def reset_classifier(model: nn.Module, head: str, num_classes: int) -> nn.Linear
     return new
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = True) -> nn.Module:
+def create_model(name: str, num_classes: int, pretrained: bool = True, **options) -> nn.Module:
     """Backbone + global pooling + linear head with ``num_classes`` outputs.
 
     ``pretrained=True`` loads the published ImageNet weights (see ``load_imagenet_weights``)
     before the head is replaced; it raises rather than fall back to random weights.
     """
     spec = get_spec(name)
+    if spec.create is not None:
+        return spec.create(num_classes, pretrained, **options)
+    if options:
+        raise ValueError(f"model {name!r} takes no options {sorted(options)} (they are for the LLM backbones)")
     model = spec.builder()
     if pretrained:
         load_imagenet_weights(name, model)

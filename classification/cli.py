@@ -53,10 +53,10 @@ import asi_core
 
 from .backbones import MODELS, ckpt_dir
 from .callbacks import ResourceAccounting, RunStatus, WeightsDigest
-from .data import DATASETS, ClassificationData, input_shape_of, num_classes_of
+from .data import DATASETS, ClassificationData, check_data_options, input_shape_of, num_classes_of
+from .llm import is_llm, source_of as tokenizer_source
 from .measure import PAPER_EPSILONS, PERPLEXITY_FILE, measure_exp_name
-from .data import check_data_options
-from .model import (ASI_DEFAULT_RANKS, ClassificationModel, RandomBackboneWarning, check_model_options,
+from .model import (ASI_DEFAULT_RANKS, MODEL_METHODS, ClassificationModel, RandomBackboneWarning, check_model_options,
                     load_checkpoint_file)
 from .report import report
 from .rundir import (METRICS_FILE, default_exp_name, read_metrics, run_dir, run_settings, settings_diff,
@@ -210,14 +210,15 @@ class ASICLI(LightningCLI):
                                  "the differences) when it ran with other settings; start it when there is none.")
         parser.link_arguments("data.name", "model.num_classes", compute_fn=num_classes_of)
         # the model checks a --model.perplexity_file against the input shape at construction, before any data loads
-        parser.link_arguments(("data.batch_size", "data.resolution"), "model.input_shape", compute_fn=input_shape_of)
+        parser.link_arguments(("data.batch_size", "data.resolution", "data.name", "data.max_length"), "model.input_shape",
+                              compute_fn=input_shape_of)
 
     def _section(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def _check_choices(self, cfg: Namespace) -> None:
         for what, value, choices in (("model", cfg.model.backbone, MODELS), ("dataset", cfg.data.name, DATASETS),
-                                     ("method", cfg.model.method, asi_core.METHODS)):
+                                     ("method", cfg.model.method, MODEL_METHODS)):
             if value not in choices:
                 self._parser(self.subcommand).error(
                     f"Unknown {what} {value!r}; valid choices: {', '.join(choices)}")
@@ -234,6 +235,10 @@ class ASICLI(LightningCLI):
         if self.subcommand == "benchmark" and m.ranks is None and m.get("perplexity_file") is None:
             m.ranks = 2  # benchmark's asi default: rank 2 on every mode (the paper's latency setting)
         self._check_numbers(cfg)
+        if self.subcommand == "profile" and m.get("shape_only") is None and is_llm(m.backbone):
+            m.shape_only = True  # an LLM's profile runs shape-only (FakeTensorMode): real shapes, no arithmetic
+        if d.get("tokenizer") is None and DATASETS[d.name].kind == "text" and is_llm(m.backbone):
+            d.tokenizer = tokenizer_source(m.backbone, m.get("name_or_path"))  # the model's own tokenizer
         if self.subcommand in ("profile", "benchmark"):  # random weights on random input: nothing to load or download
             m.pretrained = False
             warnings.filterwarnings("ignore", category=RandomBackboneWarning)
@@ -480,7 +485,9 @@ class ASICLI(LightningCLI):
         fine-tuned layers, printed as one JSON object on the last line of stdout.
 
         Random weights (--model.pretrained is forced to false, no setup-B checkpoint is looked for) and a random
-        batch of shape (--data.batch_size, 3, --data.resolution, --data.resolution): no dataset, no download.
+        batch of shape (--data.batch_size, 3, --data.resolution, --data.resolution), for an LLM backbone random token
+        ids (--data.batch_size, tokens: --data.max_length, 65 for digits_tokens): no dataset, no download. LLMs run
+        shape-only (--model.shape_only, fake tensors: real shapes and saved tensors, no arithmetic, no memory).
         asi uses --model.ranks, whose default is 1 here (4 for fit); ranks given on the command line or in a
         --config file, or chosen from --model.perplexity_file, win. classification/resources.py documents the figures.
 
@@ -489,7 +496,9 @@ class ASICLI(LightningCLI):
         """
         from .resources import profile_report
 
-        out = profile_report(model, datamodule.batch_size, datamodule.resolution, device)
+        shape = input_shape_of(datamodule.batch_size, datamodule.resolution, datamodule.name, datamodule.max_length)
+        out = profile_report(model, datamodule.batch_size, datamodule.resolution, device,
+                             max_length=shape[1] if len(shape) == 2 else None)  # text: (batch, tokens)
         print(json.dumps(out), flush=True)
         self.profile_result = out
 
@@ -517,8 +526,10 @@ class ASICLI(LightningCLI):
         from .benchmark import benchmark_models
 
         names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+        shape = input_shape_of(datamodule.batch_size, datamodule.resolution, datamodule.name, datamodule.max_length)
+        size = shape[1] if len(shape) == 2 else datamodule.resolution  # text: tokens per sample
         out = benchmark_models(self._section().model.as_dict(), names, datamodule.batch_size,
-                               datamodule.resolution, steps=steps, warmup=warmup, per_layer=per_layer, device=device)
+                               size, steps=steps, warmup=warmup, per_layer=per_layer, device=device)
         print(json.dumps(out), flush=True)
         self.benchmark_result = out
 

@@ -34,6 +34,9 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "hosvd": ("eps",),
     "asi": ("ranks", "warm_start"),
 }
+# --model.method choices: asi_core's activation-compression methods, plus LoRA (peft adapters on the fine-tuned
+# linears, trained as they are: vanilla compression on their lora_A layers; see ClassificationModel)
+MODEL_METHODS: tuple[str, ...] = (*asi_core.METHODS, "lora")
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -262,19 +265,31 @@ class ClassificationModel(pl.LightningModule):
         adam_betas: Tuple[float, float] = (0.9, 0.999),
         train_bn_affine: bool = False,
         input_shape: Optional[List[int]] = None,
+        name_or_path: Optional[str] = None,
+        lora: bool = False,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: Optional[Union[str, List[str]]] = None,
+        shape_only: Optional[bool] = None,
+        num_blocks: Optional[int] = None,
     ):
         """Classifier fine-tuned with activation compression.
 
         Args:
-            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18 or resnet34.
+            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18, resnet34; LLMs
+                (classification/llm.py): tinyllama (TinyLlama-1.1B-Chat-v1.0), llama_tiny (a tiny random-init LLaMA)
+                or hf (any LLaMA-family model given by --model.name_or_path).
             num_classes: Classes of the head; linked from --data.name, not set by hand.
             pretrained: Start from the published ImageNet weights (setup A). If they can be neither found
                 under ckpts/imagenet/ nor downloaded, the run stops and names the file to provide.
             checkpoint: Start from this checkpoint instead (setup B: the pretraining run's file under ckpts/).
                 Its head is reused when the class count matches.
-            method: Activation compression: vanilla, gradfilter, hosvd or asi (asi_core.METHODS).
+            method: Activation compression: vanilla, gradfilter, hosvd or asi (asi_core.METHODS); or lora: peft LoRA
+                adapters on the fine-tuned linears, only they (and the head) train.
             num_finetune: Number of last layers (of --model.layer_type, matching --model.include) to train, or
-                "all". Everything registered before the first of them is frozen.
+                "all". Everything registered before the first of them is frozen. LLM backbones: only those
+                linears and the head train (the last block's norms come after its MLP in registration order), and
+                "all" trains the whole network (pretraining).
             layer_type: What num_finetune counts: "conv" (nn.Conv2d) or "linear" (nn.Linear). Default: the
                 backbone's (conv for the CNNs, linear for the transformers).
             include: Only layers whose qualified name matches: a regex searched in the name ("mlp") or a glob
@@ -312,20 +327,46 @@ class ClassificationModel(pl.LightningModule):
                 every BatchNorm parameter is frozen.
             input_shape: Network input [batch size, 3, resolution, resolution]; linked from --data.batch_size and
                 --data.resolution, not set by hand. Checked against --model.perplexity_file (None: not checked).
+            name_or_path: LLM backbones: a local model directory or a hub name to load (weights, config); default for
+                tinyllama: ckpts/hf/TinyLlama-1.1B-Chat-v1.0/ when it exists, else the hub.
+            lora: With vanilla/hosvd/asi: add LoRA adapters on the fine-tuned linears and compress the input of their
+                lora_A layers with the method (ASI composed with LoRA). --model.method lora is the same with vanilla.
+            lora_rank: LoRA rank r.
+            lora_alpha: LoRA scaling alpha (the update is alpha / r * B A x).
+            lora_targets: LoRA on these linears (a regex or glob, or a list; matched like --model.include) instead of
+                the last --model.num_finetune ones.
+            shape_only: LLM backbones: build the network with fake tensors (FakeTensorMode: no memory, no arithmetic,
+                real shapes); `profile` sets it for LLMs. None = false outside profile.
+            num_blocks: LLM backbones: keep only the last N decoder blocks (benchmarks of a real-width model on a CPU).
         """
         super().__init__()
         self.save_hyperparameters()
-        if method not in asi_core.METHODS:
-            raise ValueError(f"Unknown method {method!r}; valid choices: {', '.join(asi_core.METHODS)}")
+        if method not in MODEL_METHODS:
+            raise ValueError(f"Unknown method {method!r}; valid choices: {', '.join(MODEL_METHODS)}")
         for msg in check_model_options(method, num_finetune, ranks, eps, radius, lr, momentum, weight_decay,
                                        warmup_epochs, warm_start):
             rank_zero_warn(msg)
-        if not pretrained and checkpoint is None and (num_finetune != "all" or set_bn_eval):
+        self.nonfinite_steps = 0  # training steps whose loss was NaN/inf (metrics.json, "diverged")
+        spec = get_spec(backbone)
+        self.layer_type = layer_type or spec.layer_type
+        self.include = include if include is not None else spec.include
+        family = {}
+        if shape_only and method == "hosvd":
+            raise ValueError("shape-only execution (--model.shape_only, profile's default for LLMs) cannot make a "
+                             "data-dependent choice, and hosvd's ranks come from the data: pass --model.shape_only "
+                             "false (a real step with random weights) or profile asi with --model.ranks")
+        if spec.create is not None:  # LLMs build and load themselves
+            family = dict(name_or_path=name_or_path, shape_only=bool(shape_only), num_blocks=num_blocks)
+        elif name_or_path is not None or shape_only or num_blocks is not None:
+            raise ValueError(f"--model.name_or_path, shape_only and num_blocks are for the LLM backbones, not {backbone}")
+        self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None, **family)
+        has_bn = any(isinstance(m, _BN) for m in self.net.modules())
+        if not pretrained and checkpoint is None and (num_finetune != "all" or (set_bn_eval and has_bn)):
             why = []
             if num_finetune != "all":
                 why.append(f"only the last {num_finetune} layer(s) and the head learn, on top of a randomly "
                            f"initialised and frozen backbone")
-            if set_bn_eval:
+            if set_bn_eval and has_bn:
                 why.append("BatchNorm stays in eval mode with its initial statistics, so the features shrink layer "
                            "by layer (to ~1e-10) and are nearly the same for every input")
             rank_zero_warn(
@@ -333,14 +374,25 @@ class ClassificationModel(pl.LightningModule):
                 "Train from scratch with --model.num_finetune all --model.set_bn_eval false, or fine-tune from "
                 "pretrained weights (--model.pretrained true, or a setup-B --model.checkpoint)",
                 category=RandomBackboneWarning)
-        self.nonfinite_steps = 0  # training steps whose loss was NaN/inf (metrics.json, "diverged")
-        spec = get_spec(backbone)
-        self.layer_type = layer_type or spec.layer_type
-        self.include = include if include is not None else spec.include
-        self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None)
         if checkpoint is not None:
             load_checkpoint_weights(self.net, checkpoint, spec.head)
-        options = {k: getattr(self.hparams, k) for k in METHOD_OPTIONS.get(method, ())}
+        compress, lora_layers, lora_b = method, None, []
+        if method == "lora" or lora:
+            if method not in ("lora", "vanilla", "hosvd", "asi"):
+                raise ValueError(f"--model.lora true composes LoRA with vanilla, hosvd or asi, not {method}")
+            if perplexity_file is not None:
+                raise ValueError("--model.perplexity_file is not supported with LoRA: give --model.ranks")
+            if self.layer_type != "linear" and lora_targets is None:
+                raise ValueError(f"LoRA adapts linear layers; {backbone} fine-tunes {self.layer_type} layers "
+                                 f"(use --model.layer_type linear or --model.lora_targets, or another method)")
+            from .llm import add_lora
+            targets = (asi_core.candidate_layers(self.net, "linear", lora_targets) if lora_targets is not None else
+                       finetune_candidates(self.net, num_finetune, self.layer_type, self.include))
+            lora_layers, lora_b = add_lora(self.net, targets, lora_rank, lora_alpha)
+            compress = "vanilla" if method == "lora" else method
+            for p in self.net.get_submodule(spec.head).parameters():
+                p.requires_grad_(True)
+        options = {k: getattr(self.hparams, k) for k in METHOD_OPTIONS.get(compress, ())}
         self.rank_selection: Optional[dict] = None  # set when ranks come from a perplexity file
         _check_rank_arguments(method, ranks, perplexity_file, budget)
         if perplexity_file is not None:
@@ -349,8 +401,18 @@ class ClassificationModel(pl.LightningModule):
             options["ranks"] = [tuple(layer["ranks"]) for layer in self.rank_selection["layers"]]
         elif "ranks" in options:
             options["ranks"] = ranks_option(ranks)
-        self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean,
-                                      layer_type=self.layer_type, include=self.include, **options)
+        if lora_layers is not None:  # the lora_A linears (their input is the activation LoRA keeps)
+            self.patched = asi_core.patch(self.net, compress, layers=lora_layers, lean=lean, layer_type="linear",
+                                          **options)
+        else:
+            self.patched = asi_core.patch(self.net, method, num_finetune=num_finetune, lean=lean,
+                                          layer_type=self.layer_type, include=self.include, **options)
+        if hasattr(self.net, "freeze_unpatched"):  # LLMs: only the patched linears (+ lora_B) and the head train,
+            if num_finetune == "all" and lora_layers is None:  # or everything ("all": pretraining, setup B half 1)
+                for p in self.net.parameters():
+                    p.requires_grad_(True)
+            else:
+                self.net.freeze_unpatched(lora_b)
         if set_bn_eval:
             for m in self.net.modules():
                 if isinstance(m, _BN):

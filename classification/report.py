@@ -37,7 +37,8 @@ from typing import Iterable, List, Literal, Optional, Sequence, Union
 
 __all__ = ["collect", "format_table", "pareto_plots", "report", "CSV_COLUMNS"]
 
-METHOD_ORDER = ("vanilla", "gradfilter", "gradfilter_paper", "hosvd", "asi")
+METHOD_ORDER = ("vanilla", "gradfilter", "gradfilter_paper", "hosvd", "asi", "lora")
+LLM_BACKBONES = ("tinyllama", "llama_tiny", "hf")  # classification/llm.py (not imported: report needs no torch)
 # The required CSV columns first, in this order; the rest are extras for whoever reads the CSV.
 CSV_COLUMNS = ("method", "num_finetune", "accuracy", "activation_mib", "gflops",
                "setup", "model", "dataset", "label", "final_accuracy", "best_accuracy", "accuracy_source",
@@ -105,6 +106,8 @@ def _label(method: str, args: dict) -> tuple[str, tuple]:
             quals.append("no warm start")
         fixed = "" if budget or not isinstance(ranks, (int, float, str)) else str(ranks)
         return "ASI" + (f" ({', '.join(quals)})" if quals else ""), (bool(quals), warm is False, fixed)
+    if method == "lora":
+        return f"LoRA (r = {args.get('lora_rank')})", ()
     return method, ()
 
 
@@ -127,8 +130,11 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     method = setting("method")
     if method is None or (method not in METHOD_ORDER and not (settings.get("method") or model_args.get("method"))):
         return None  # e.g. a measure/ or profile/ folder without settings: not a training run
-    args = {k: setting(k, sources=(model_args, settings)) for k in ("radius", "eps", "ranks", "warm_start", "budget")}
+    args = {k: setting(k, sources=(model_args, settings))
+            for k in ("radius", "eps", "ranks", "warm_start", "budget", "lora", "lora_rank")}
     label, variant = _label(str(method), args)
+    if args["lora"] and method != "lora":  # LoRA adapters whose lora_A inputs the method compresses
+        label, variant = f"LoRA r{args['lora_rank']} + {label}", (1, *variant)
 
     res = data.get("resources") if isinstance(data.get("resources"), dict) else {}
     peak = method == "hosvd"  # Sec. 4.1: HOSVD's resources vary during training; the paper reports the peak
@@ -255,8 +261,9 @@ def _md(rows: Sequence[dict]) -> str:
         return "No runs found (no metrics.json with settings under the given directories).\n"
     blocks = []
     for (setup, model, dataset), group in _groups(rows).items():
+        llm = model in LLM_BACKBONES  # the paper's Table 4 layout: TFLOPs, a multiply-add counted as 2 FLOPs
         lines = [f"### setup {setup} · {model} · {dataset}", "",
-                 "| Method | #Layers | Acc (%) ↑ | Mem (MiB) ↓ | GFLOPs ↓ |",
+                 f"| Method | #Layers | Acc (%) ↑ | Mem (MiB) ↓ | {'TFLOPs' if llm else 'GFLOPs'} ↓ |",
                  "|:--|--:|--:|--:|--:|"]
         notes, prev = [], None
         for r in group:
@@ -273,15 +280,18 @@ def _md(rows: Sequence[dict]) -> str:
                 notes.append(f"{r['label']}, {r['num_finetune']} layers diverged (non-finite loss; {r['run_dir']}): "
                              f"no accuracy to report.")
                 mark += f"<sup>{len(notes)}</sup>"
-            lines.append(f"| {name} | {n}{mark} | {acc} | {_fmt(r['activation_mib'])} | "
-                         f"{_fmt(r['gflops'])} |")
+            flops = r["gflops"] if not llm or r["gflops"] is None else 2 * r["gflops"] / 1000
+            lines.append(f"| {name} | {n}{mark} | {acc} | {_fmt(r['activation_mib'])} | {_fmt(flops)} |")
         lines.append("")
+        if llm:
+            lines.append("TFLOPs as in the paper's Table 4: 2 FLOPs per multiply-add (Tables 1-2 count 1).  ")
         peaks = [what for what, key in (("activation memory", "mem_peak"), ("GFLOPs", "gflops_peak"))
                  if any(r[key] for r in group)]
         if peaks:
             lines.append(f"HOSVD: peak {' and '.join(peaks)} over training (paper Sec. 4.1).  ")
         if any(r["gflops_source"] == "train" for r in group):
-            lines.append("GFLOPs per training step: forward + weight gradient + compression overhead, with "
+            lines.append(f"{'TFLOPs' if llm else 'GFLOPs'} per training step: forward + weight gradient + "
+                         "compression overhead, with "
                          "groups and strides counted (our count).  ")
         if any(r["gflops_source"] == "paper" for r in group):
             lines.append("GFLOPs: the paper's eq. 15-17 as written (comparable with its tables).  ")

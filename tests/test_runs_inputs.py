@@ -118,7 +118,7 @@ def test_patched_state_dict_into_another_model_says_which_keys_and_what_to_do():
     (("fit", "--data.resolution", "0"), "--data.resolution 0 is invalid: it must be an integer >= 8"),
     (("fit", "--data.resolution", "7"), "--data.resolution 7 is invalid: it must be an integer >= 8"),
     (("fit", "--data.batch_size", "0"), "--data.batch_size 0 is invalid: it must be an integer >= 1"),
-    (("fit", "--data.val_fraction", "1"), "--data.val_fraction 1.0 is invalid: it must be in (0, 1)"),
+    (("fit", "--data.val_fraction", "1"), "--data.val_fraction 1.0 is invalid: it must be in [0, 1)"),
     (("profile", "--data.batch_size", "0"), "--data.batch_size 0 is invalid"),
     (("benchmark", "--benchmark.steps", "0"), "--benchmark.steps 0 is invalid: it must be an integer >= 1"),
     (("fit", "--model.method", "hosvd", "--model.eps", "5"), "--model.eps 5.0 is invalid: hosvd's"),

@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
-SWEEPS = ["asi_setupA", "asi_setupB", "baselines", "latency", "paper", "perplexity", "pretrain_setupB", "warm_start"]
+SWEEPS = ["asi_setupA", "asi_setupB", "baselines", "latency", "paper", "perplexity", "pretrain_setupB", "warm_start",
+          "table4", "table4_profile"]
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
@@ -67,6 +68,10 @@ DRY = {
                             "configs/models/resnet34.yaml --config configs/data/imagenet.yaml", "--exp_name pretrain"]),
 }
 DRY["paper"] = (sum(n for n, _ in DRY.values()) + 1, ["python main.py report {runs} --out {runs}/report.md"])
+DRY["table4"] = (11, ["main.py fit --config configs/recipes/setupA.yaml --config configs/models/tinyllama.yaml "
+                      "--config configs/data/boolq.yaml", "--exp_name l5_r20 --model.method asi --model.num_finetune 5 "
+                      "--model.ranks 20", "--exp_name l1 --model.method vanilla --model.num_finetune 1",
+                      "python main.py report {runs}/setupA/tinyllama/boolq --out {runs}/table4/report.md --flops paper"])
 
 
 @pytest.mark.parametrize("script", sorted(DRY))
