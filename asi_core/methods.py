@@ -273,7 +273,7 @@ class ASI(_LowRank):
         gen = torch.Generator(device=x.device)
         gen.manual_seed(self.seed * 100003 + step)
         core, factors = subspace_iteration(x, ranks, previous, gen)
-        if not _keep_finite_state(self, x):  # this step's gradient is non-finite, as vanilla's; the state is kept
+        if not _keep_finite_state(self, factors):  # this step's gradient is non-finite, as vanilla's; state kept
             self.step += 1
             return self._finish(x, core, factors, ranks)
         for m, u in enumerate(factors):
@@ -303,10 +303,15 @@ class ASI(_LowRank):
         missing_keys[:] = [k for k in missing_keys if k in before or k not in ours]
 
 
-def _keep_finite_state(method: Method, x) -> bool:
-    """False (and one warning per layer) when ``x`` holds NaN/inf: warm-start factors computed from it would be
-    NaN and poison every later step, so the caller keeps its previous factors instead."""
-    if bool(torch.isfinite(x).all()):
+def _keep_finite_state(method: Method, factors) -> bool:
+    """False (and one warning per layer) when the new factors hold NaN/inf, i.e. the input did (a NaN/inf entry of
+    the input reaches every factor through the products A_(m) V): such factors would poison every later warm step,
+    so the caller keeps its previous ones instead. Checks the small factors, not the activation (no extra pass over
+    it); shape-only tensors (FakeTensorMode, meta) have no values and pass."""
+    factors = [u for u in factors if u is not None]
+    if not factors or any(u.device.type == "meta" or isinstance(u, torch._subclasses.FakeTensor) for u in factors):
+        return True
+    if all(bool(torch.isfinite(u).all()) for u in factors):
         return True
     if not getattr(method, "_warned_nonfinite", False):
         method._warned_nonfinite = True
