@@ -10,9 +10,11 @@ setup: $(STAMP)
 
 # Idempotent: re-runs pip only when requirements.txt changes.
 $(STAMP): requirements.txt
+	@$(PYTHON) -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)" || { \
+	  echo "make setup: $(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())'); this project needs Python >= 3.11 (transformers 5). Install one and run: make setup PYTHON=python3.11" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-	$(PY) -c "import torch, torchvision, pytorch_lightning, jsonargparse, torchmetrics, sklearn, matplotlib"
+	$(PY) -c "import torch, torchvision, pytorch_lightning, jsonargparse, torchmetrics, sklearn, matplotlib, transformers, peft"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -73,6 +73,7 @@ import weakref
 from collections.abc import Callable, Iterable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 import torch.nn.functional as F
 from torch import nn
 
@@ -422,7 +423,10 @@ def unmake_lean(model: nn.Module) -> list[str]:
 
 # --------------------------------------------------------------- measurement
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return str(t.device), t.untyped_storage().data_ptr()
+    storage = t.untyped_storage()
+    if t.is_meta or isinstance(t, FakeTensor):  # shape-only execution (profile of a 1.1B LLM): no data pointer,
+        return "shape-only", storage._cdata        # the storage object itself identifies the allocation
+    return str(t.device), storage.data_ptr()
 
 
 def _storage_nbytes(t: torch.Tensor) -> int:

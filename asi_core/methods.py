@@ -210,7 +210,12 @@ class HOSVD(_LowRank):
         return {"eps": self.eps}
 
     def compress(self, x):
-        core, factors, ranks = hosvd(x, self.eps)
+        try:
+            core, factors, ranks = hosvd(x, self.eps)
+        except torch.linalg.LinAlgError as err:
+            finite = "" if torch.isfinite(x).all() else " (its input holds NaN/inf values: look upstream of it)"
+            raise torch.linalg.LinAlgError(f"layer {self.layer_name!r}: hosvd's SVD of the input of shape "
+                                           f"{tuple(x.shape)} failed{finite}: {err}") from err
         return self._finish(x, core, factors, ranks)
 
 
@@ -281,6 +286,9 @@ class ASI(_LowRank):
         gen = torch.Generator(device=x.device)
         gen.manual_seed(self.seed * 100003 + step)
         core, factors = subspace_iteration(x, ranks, previous, gen)
+        if not _keep_finite_state(self, factors):  # this step's gradient is non-finite, as vanilla's; state kept
+            self.step += 1
+            return self._finish(x, core, factors, ranks)
         for m, u in enumerate(factors):
             buf = getattr(self, f"factor_{m}")
             if u is None:
@@ -306,6 +314,24 @@ class ASI(_LowRank):
         # A checkpoint without warm-start state (e.g. from an unpatched model) means a cold start.
         ours = {f"{prefix}factor_{m}" for m in range(MAX_MODES)} | {f"{prefix}step"}
         missing_keys[:] = [k for k in missing_keys if k in before or k not in ours]
+
+
+def _keep_finite_state(method: Method, factors) -> bool:
+    """False (and one warning per layer) when the new factors hold NaN/inf, i.e. the input did (a NaN/inf entry of
+    the input reaches every factor through the products A_(m) V): such factors would poison every later warm step,
+    so the caller keeps its previous ones instead. Checks the small factors, not the activation (no extra pass over
+    it); shape-only tensors (FakeTensorMode, meta) have no values and pass."""
+    factors = [u for u in factors if u is not None]
+    if not factors or any(u.device.type == "meta" or isinstance(u, torch._subclasses.FakeTensor) for u in factors):
+        return True
+    if all(bool(torch.isfinite(u).all()) for u in factors):
+        return True
+    if not getattr(method, "_warned_nonfinite", False):
+        method._warned_nonfinite = True
+        warnings.warn(f"layer {method.layer_name!r}: non-finite (NaN/inf) input to {method.name}; this step's gradient "
+                      f"is non-finite and the warm-start factors of the previous step are kept (warned once per "
+                      f"layer)", RuntimeWarning, stacklevel=4)
+    return False
 
 
 def _check_ranks(layer_name, ranks):

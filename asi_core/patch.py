@@ -92,6 +92,10 @@ def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = N
     modules = dict(model.named_modules())
     for name, opts in zip(names, per_layer):
         base = modules[name]
+        ranks = opts.get("ranks")
+        if isinstance(ranks, (tuple, list)) and isinstance(base, nn.Conv2d) and len(ranks) != 4:
+            raise ValueError(f"layer {name!r}: asi ranks {tuple(ranks)} have {len(ranks)} entries, but a Conv2d input "
+                             f"has 4 modes (B, C, H, W): give 4 ranks per conv layer, or one int for every mode")
         wrapper = wrapper_cls(base, method_cls(name, **opts), name)
         wrapper.train(base.training)
         model.set_submodule(name, wrapper)

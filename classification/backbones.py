@@ -122,7 +122,7 @@ class MCUNet(nn.Module):
 # ----------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class ModelSpec:
-    builder: Callable[[], nn.Module]  # ImageNet-shaped network, random init
+    builder: Optional[Callable[[], nn.Module]]  # ImageNet-shaped network, random init (None: see create)
     head: str                         # dotted path of the final nn.Linear
     weights_url: str                  # published ImageNet weights
     weights_file: str                 # file name under <ckpt_dir>/imagenet/
@@ -130,7 +130,9 @@ class ModelSpec:
     layer_type: str = "conv"          # what --model.num_finetune counts by default (asi_core.patch's layer_type)
     include: Optional[str] = None     # default name filter of those layers (asi_core.patch's include), e.g. "mlp"
     task: str = "classification"      # "segmentation": (B, K, H, W) logits, pixel labels (segmentation/)
-    create: Optional[Callable[[int], nn.Module]] = None  # builds the network for num_classes (replaces builder+head)
+    # families that build and load themselves (Hugging Face LLMs, classification/llm.py):
+    # create(num_classes, pretrained, **options) -> network with its head
+    create: Optional[Callable[..., nn.Module]] = None
 
 
 def _tv(fn_name: str) -> Callable[[], nn.Module]:
@@ -161,11 +163,36 @@ def _register_segmentation() -> None:
     they start from an mmseg checkpoint (--model.checkpoint) or random weights."""
     from segmentation.models import BUILDERS
 
+    def creator(name: str, build: Callable[[int], nn.Module]) -> Callable[..., nn.Module]:
+        def create(num_classes: int, pretrained: bool, **options) -> nn.Module:
+            if options:
+                raise ValueError(f"model {name!r} takes no options {sorted(options)} (they are for the LLM backbones)")
+            if pretrained:
+                raise FileNotFoundError(
+                    f"model {name!r} has no published ImageNet weights to load: start it from the authors' "
+                    f"Cityscapes-calibrated checkpoint with --model.checkpoint (scripts/download_ckpts.sh seg, "
+                    f"docs/segmentation.md), or pass --model.pretrained false to train from random weights on purpose")
+            return build(num_classes)
+        return create
+
     for name, build in BUILDERS.items():
-        MODELS[name] = ModelSpec(build, "decode_head.conv_seg", "", "", 512, task="segmentation", create=build)
+        MODELS[name] = ModelSpec(None, "decode_head.conv_seg", "", "", 512, task="segmentation",
+                                 create=creator(name, build))
 
 
 _register_segmentation()
+
+
+def _llm(backbone: str) -> Callable[..., nn.Module]:
+    def create(num_classes: int, pretrained: bool, **options) -> nn.Module:
+        from .llm import create_llm
+        return create_llm(backbone, num_classes, pretrained, **options)
+    return create
+
+
+# LLaMA-family sequence classifiers (classification/llm.py): "#Layers" = the last N linears named *mlp*
+for _name, _hub in (("tinyllama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"), ("llama_tiny", ""), ("hf", "")):
+    MODELS[_name] = ModelSpec(None, "score", _hub, "", 0, layer_type="linear", include="mlp", create=_llm(_name))
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -205,7 +232,14 @@ def load_imagenet_weights(name: str, model: nn.Module) -> Path:
                 f"(or set ASI_CKPT_DIR to the folder holding imagenet/{spec.weights_file}); "
                 f"or pass --model.pretrained false to train from random weights on purpose."
             ) from err
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"ImageNet weights file {path} ({path.stat().st_size} bytes) for model {name!r} is unreadable: truncated "
+            f"or corrupt ({type(err).__name__}: {first}). Delete it and run again to download it anew, or put a good "
+            f"copy of {spec.weights_url} there (ckpts/README.md)") from None
     if isinstance(sd, dict) and "state_dict" in sd:  # MCUNet release wraps the weights
         sd = sd["state_dict"]
     model.load_state_dict(sd, strict=True)
@@ -226,7 +260,7 @@ def reset_classifier(model: nn.Module, head: str, num_classes: int) -> nn.Linear
     return new
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = True) -> nn.Module:
+def create_model(name: str, num_classes: int, pretrained: bool = True, **options) -> nn.Module:
     """Backbone + global pooling + linear head with ``num_classes`` outputs.
 
     ``pretrained=True`` loads the published ImageNet weights (see ``load_imagenet_weights``)
@@ -234,12 +268,9 @@ def create_model(name: str, num_classes: int, pretrained: bool = True) -> nn.Mod
     """
     spec = get_spec(name)
     if spec.create is not None:
-        if pretrained:
-            raise FileNotFoundError(
-                f"model {name!r} has no published ImageNet weights to load: start it from the authors' "
-                f"Cityscapes-calibrated checkpoint with --model.checkpoint (scripts/download_ckpts.sh, README "
-                f"'Segmentation'), or pass --model.pretrained false to train from random weights on purpose")
-        return spec.create(num_classes)
+        return spec.create(num_classes, pretrained, **options)
+    if options:
+        raise ValueError(f"model {name!r} takes no options {sorted(options)} (they are for the LLM backbones)")
     model = spec.builder()
     if pretrained:
         load_imagenet_weights(name, model)

@@ -38,16 +38,20 @@ def run_benchmark(build: Callable[[str], nn.Module], methods: Sequence[str], bat
     "ratios_to_vanilla": {name: {"forward", "backward", "step"}} (time ratios; < 1 is faster),
     "speedup_vs_vanilla": {name: vanilla step / method step}, and with per_layer "per_layer"}."""
     device = torch.device(device)
-    torch.manual_seed(seed)
-    x = torch.randn(batch_size, 3, resolution, resolution, device=device)
-    y_shape = (batch_size, resolution, resolution) if pixel_targets else (batch_size,)  # segmentation: label maps
-    y = torch.randint(0, num_classes, y_shape, device=device)
     nets, opts = {}, {}
     for m in methods:
         net = build(m).to(device)
         nets[m] = net
         params = [p for p in net.parameters() if p.requires_grad]
         opts[m] = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
+    torch.manual_seed(seed)
+    first = nets[methods[0]]
+    if getattr(first, "is_language_model", False):  # token ids (batch_size, resolution = sequence length)
+        x = {k: v.to(device) for k, v in first.random_input(batch_size, resolution).items()}
+    else:
+        x = torch.randn(batch_size, 3, resolution, resolution, device=device)
+    y_shape = (batch_size, resolution, resolution) if pixel_targets else (batch_size,)  # segmentation: label maps
+    y = torch.randint(0, num_classes, y_shape, device=device)
     loss_fn = nn.CrossEntropyLoss()
     times = {m: {"forward_s": [], "backward_s": [], "optimizer_s": [], "step_s": []} for m in methods}
     for it in range(warmup + steps):
@@ -151,11 +155,11 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
     """``main.py benchmark``: one ClassificationModel per method from the same --model arguments (random
     weights), timed by :func:`run_benchmark`. Returns the JSON object the command prints."""
     from .backbones import get_spec
-    from .model import ClassificationModel
+    from .model import MODEL_METHODS, ClassificationModel
 
-    unknown = [m for m in methods if m not in asi_core.METHODS]
+    unknown = [m for m in methods if m not in MODEL_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown} in --benchmark.methods; valid: {list(asi_core.METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown} in --benchmark.methods; valid: {list(MODEL_METHODS)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     args = {k: v for k, v in model_args.items() if k != "method"}

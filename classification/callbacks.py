@@ -46,6 +46,16 @@ class WeightsDigest(pl.Callback):
                                                      "ranks_in_sync": len(set(digests)) == 1})
 
 
+class RunStatus(pl.Callback):
+    """metrics.json["status"] = "interrupted" (with the step) when a fit stops on an exception or a signal; the
+    CLI writes "running" when a fit starts and "finished" or "diverged" when it ends."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero:
+            write_metrics(trainer.default_root_dir, {"status": "interrupted", "global_step": trainer.global_step,
+                                                     "interrupted_by": type(exception).__name__})
+
+
 class ResourceAccounting(pl.Callback):
     """What a training step of the fine-tuned layers costs, per epoch: ``resources/*`` in the loggers and
     ``metrics.json["resources"]`` (rewritten at every epoch end, so the file holds the last epoch).

@@ -22,6 +22,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from .text_data import BOOLQ_HOW_TO, DIGITS_TOKENS_LENGTH
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -77,9 +79,19 @@ class DatasetSpec:
     num_classes: int
     build: Callable  # (root: Path, download: bool) -> (train pool, official test set or None)
     how_to_obtain: str
+    kind: str = "image"  # "text": build(root, download, tokenizer=, max_length=) -> token datasets (text_data.py)
     task: str = "classification"  # "segmentation": (image, (H, W) label map) samples, its own splits
     make_sets: Optional[Callable] = None  # (root, resolution, seed) -> (train, val, test); replaces build + splits
     eval_batch_size: Optional[int] = None  # val/test batch size when images differ in size (VOC: 1, as mmseg)
+
+
+def _text(name: str) -> Callable:
+    def build(root: Path, download: bool, tokenizer: Optional[str] = None, max_length: int = 512):
+        from . import text_data
+        if name == "digits_tokens":
+            return text_data.digits_tokens(), None
+        return text_data.boolq(root, tokenizer, max_length)
+    return build
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -110,6 +122,9 @@ DATASETS: dict[str, DatasetSpec] = {
         1000, _image_folder("train", "val"),
         "ImageNet-1k (ILSVRC2012, https://image-net.org/download) in ImageFolder layout: "
         "<root>/imagenet/train/<wnid>/*.JPEG and <root>/imagenet/val/<wnid>/*.JPEG"),
+    "digits_tokens": DatasetSpec(10, _text("digits_tokens"), "bundled with scikit-learn; nothing to download",
+                                 kind="text"),
+    "boolq": DatasetSpec(2, _text("boolq"), BOOLQ_HOW_TO, kind="text"),
 }
 
 
@@ -137,8 +152,12 @@ def num_classes_of(name: str) -> int:
     return get_dataset_spec(name).num_classes
 
 
-def input_shape_of(batch_size: int, resolution: int) -> list[int]:
-    """Network input shape of a batch, ``[batch_size, 3, resolution, resolution]`` (every dataset is RGB)."""
+def input_shape_of(batch_size: int, resolution: int, name: Optional[str] = None,
+                   max_length: Optional[int] = None) -> list[int]:
+    """Network input shape of a batch: ``[batch_size, 3, resolution, resolution]`` (every image dataset is RGB), or
+    ``[batch_size, tokens]`` for a text dataset (``name``: its ``max_length``; digits_tokens: 65)."""
+    if name is not None and name in DATASETS and DATASETS[name].kind == "text":
+        return [batch_size, DIGITS_TOKENS_LENGTH if name == "digits_tokens" else int(max_length or 512)]
     return [batch_size, 3, resolution, resolution]
 
 
@@ -239,6 +258,46 @@ def train_val_split(indices: Sequence[int], val_fraction: float, seed: int,
     return sorted(idx[n_val:].tolist()), sorted(idx[:n_val].tolist())
 
 
+MIN_RESOLUTION = 8  # the digits' own size; below it an image has fewer pixels than the smallest dataset
+
+
+def check_data_options(batch_size: int = 64, resolution: int = 224, val_fraction: float = 0.2, num_workers: int = 0,
+                       num_shards: int = 20, **_) -> None:
+    """ValueError naming the option, the value and the valid range, before any data is loaded."""
+    def isint(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def bad(option, value, valid):
+        raise ValueError(f"--data.{option} {value!r} is invalid: {valid}")
+
+    if not isint(batch_size) or batch_size < 1:
+        bad("batch_size", batch_size, "it must be an integer >= 1 (samples per process and step)")
+    if not isint(resolution) or resolution < MIN_RESOLUTION:
+        bad("resolution", resolution, f"it must be an integer >= {MIN_RESOLUTION} (square input side in pixels)")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not (0 <= val_fraction < 1):
+        bad("val_fraction", val_fraction, "it must be in [0, 1): the train split needs samples (0 validates on the "
+                                          "dataset's official test split, e.g. BoolQ's dev set)")
+    if not isint(num_workers) or num_workers < 0:
+        bad("num_workers", num_workers, "it must be an integer >= 0")
+    if not isint(num_shards) or num_shards < 2 or num_shards % 2:
+        bad("num_shards", num_shards, "it must be an even integer >= 2")
+
+
+class EpochSampler(torch.utils.data.RandomSampler):
+    """A random order drawn from ``(seed, epoch)`` alone: Lightning calls ``set_epoch`` at each epoch start, so a run
+    resumed at an epoch boundary sees exactly the batches an uninterrupted run sees (a plain RandomSampler draws from
+    the global RNG, whose state a checkpoint does not keep)."""
+
+    def __init__(self, data_source, seed: int = 0):
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed, self.epoch = int(seed), 0
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+
+
 class TransformSubset(Dataset):
     """A subset of a base dataset with its own image transform (train and val share one pool)."""
 
@@ -293,6 +352,8 @@ class ClassificationData(pl.LightningDataModule):
         num_workers: int = 4,
         download: bool = False,
         augment: Literal["standard", "paper"] = "standard",
+        max_length: int = 512,
+        tokenizer: Optional[str] = None,
     ):
         """Image classification data.
 
@@ -316,9 +377,14 @@ class ClassificationData(pl.LightningDataModule):
             download: Let torchvision download the dataset when it is missing (needs internet).
             augment: "standard" (ours: random-resized crop + flip to train, resize + centre crop to evaluate) or
                 "paper" (the authors' preprocessing: resize only for the downstream sets, CIFAR normalised with 0.5,
-                ImageNet setup A randomly cropped for evaluation too). No effect on digits.
+                ImageNet setup A randomly cropped for evaluation too). No effect on digits and text datasets.
+            max_length: Text datasets (boolq): tokens per sample, truncated / padded to it (paper: 512).
+            tokenizer: Text datasets (boolq): a model directory, a tokenizer.json or a hub name; default: the LLM
+                backbone's own (--model.backbone tinyllama or --model.name_or_path).
         """
         super().__init__()
+        check_data_options(batch_size, resolution, val_fraction, num_workers, num_shards)
+        self.save_hyperparameters()  # into checkpoints: a resume is checked against the data it was trained on
         self.spec = get_dataset_spec(name)
         self.name, self.root, self.setup_name, self.half = name, Path(root), setup, half
         self.partition_file, self.num_shards = partition_file, num_shards
@@ -327,6 +393,7 @@ class ClassificationData(pl.LightningDataModule):
         if augment not in AUGMENT_CHOICES:
             raise ValueError(f"--data.augment {augment!r}: choose one of {', '.join(AUGMENT_CHOICES)}")
         self.augment = augment
+        self.max_length, self.tokenizer = max_length, tokenizer
         self.run_dir: Optional[Path] = None  # set by the CLI; setup B writes partition.json there
         self.partition: Optional[tuple[list[int], list[int]]] = None
         self.partition_source: Optional[str] = None
@@ -343,9 +410,14 @@ class ClassificationData(pl.LightningDataModule):
     def _build_pool(self):
         if self.name == "digits":
             return DigitsDataset(self.resolution), None
+        text = self.spec.kind == "text"
         try:
+            if text:
+                return self.spec.build(self.dataset_dir, self.download, self.tokenizer, self.max_length)
             return self.spec.build(self.dataset_dir, self.download)
         except (RuntimeError, FileNotFoundError) as err:
+            if text and "tokenizer" in str(err):
+                raise
             raise FileNotFoundError(
                 f"Dataset {self.name!r} not found under {self.dataset_dir} ({err}).\n"
                 f"How to obtain it: {self.spec.how_to_obtain}.\n"
@@ -353,7 +425,8 @@ class ClassificationData(pl.LightningDataModule):
             ) from err
 
     def prepare_data(self):
-        if self.download and self.name != "digits" and self.spec.make_sets is None:
+        if self.download and self.name != "digits" and self.spec.kind != "text" \
+                and self.spec.make_sets is None:
             self._build_pool()  # downloads once, on one process per node
 
     def setup(self, stage: Optional[str] = None):
@@ -385,17 +458,28 @@ class ClassificationData(pl.LightningDataModule):
             indices = halves[self.half - 1]
         authors_file = self.setup_name == "B" and str(self.partition_source or "").endswith(".npy")
         train_idx, val_idx = train_val_split(indices, self.val_fraction, self.split_seed, in_order=authors_file)
-        is_tensor = self.name == "digits"
+        if self.val_fraction == 0 and test is None:
+            raise ValueError(f"--data.val_fraction 0 validates on the official test split, and {self.name!r} has "
+                             f"none: choose a fraction in (0, 1)")
+        if not train_idx or (not val_idx and self.val_fraction > 0):
+            raise ValueError(f"--data.val_fraction {self.val_fraction} leaves {len(train_idx)} training and "
+                             f"{len(val_idx)} validation samples of {len(indices)}: choose a fraction that leaves "
+                             f"samples in both")
+        is_tensor = self.name == "digits" or self.spec.kind == "text"
         t_train = None if is_tensor else image_transforms(self.resolution, True, self.augment, self.name, self.setup_name)
         t_eval = None if is_tensor else image_transforms(self.resolution, False, self.augment, self.name, self.setup_name)
         self.train_set = TransformSubset(pool, train_idx, t_train)
         self.val_set = TransformSubset(pool, val_idx, t_eval)
         self.test_set = TransformSubset(test, range(len(test)), t_eval) if test is not None else self.val_set
+        if not val_idx and test is not None:  # --data.val_fraction 0: validate on the official test split (BoolQ dev)
+            self.val_set = self.test_set
         self._built = True
 
     def _loader(self, ds, shuffle: bool):
         batch_size = self.batch_size if shuffle or self.spec.eval_batch_size is None else self.spec.eval_batch_size
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        sampler = EpochSampler(ds, torch.initial_seed() % 2**31) if shuffle else None  # seed_everything's seed
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False if shuffle else None,
+                          num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
                           drop_last=False)
 

@@ -186,9 +186,11 @@ def run_measure(model, datamodule, *, path: Union[str, Path], epsilons, num_batc
     input_shape: list[int] = []
 
     def loss_fn(net, x, y):
-        if not input_shape:
-            input_shape.extend(int(d) for d in x.shape)
-        return model.criterion(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+        if not input_shape:  # a text batch is a dict (input_ids, attention_mask): its shape is (B, tokens)
+            input_shape.extend(int(d) for d in (x["input_ids"] if isinstance(x, dict) else x).shape)
+        x = {k: v.to(device, non_blocking=True) for k, v in x.items()} if isinstance(x, dict) else \
+            x.to(device, non_blocking=True)
+        return model.criterion(net(x), y.to(device, non_blocking=True))
 
     rank_zero_info(f"measuring perplexity of {settings['model']} on {settings['dataset']} "
                    f"(setup {settings['setup']}): eps {eps}, {num_batches} batch(es) of {datamodule.batch_size}, "

@@ -17,7 +17,7 @@ from typing import List, Literal, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -34,16 +34,44 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "hosvd": ("eps",),
     "asi": ("ranks", "warm_start"),
 }
+# --model.method choices: asi_core's activation-compression methods, plus LoRA (peft adapters on the fine-tuned
+# linears, trained as they are: vanilla compression on their lora_A layers; see ClassificationModel)
+MODEL_METHODS: tuple[str, ...] = (*asi_core.METHODS, "lora")
 
 _BN = nn.modules.batchnorm._BatchNorm
+
+
+class RandomBackboneWarning(UserWarning):
+    """Fine-tuning a few layers on top of a random, frozen backbone (profile/benchmark do it on purpose and
+    silence this category)."""
 ASI_DEFAULT_RANKS = 4  # --model.ranks when neither ranks nor a perplexity file is given
 
 
-def _torch_load(path: str | Path):
+def load_checkpoint_file(path: str | Path, what: str = "--model.checkpoint"):
+    """``torch.load`` of a user-given checkpoint, with errors that name the file and the option it came from.
+
+    Plain tensors first (``weights_only``); older Lightning checkpoints pickle hyper-parameter objects, so a file
+    that only loads fully is accepted too (a local file the user named). A missing, truncated or foreign file
+    raises FileNotFoundError / ValueError saying which file and what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # older Lightning checkpoints pickle hyper-parameter objects; local, user-given file
+    except Exception:
+        pass
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{what} {path} ({path.stat().st_size} bytes) is not a readable PyTorch checkpoint: it is "
+                         f"truncated, corrupt or another kind of file ({type(err).__name__}: {first}). Re-create or "
+                         f"re-download it, or point {what} to another file") from None
+
+
+def _torch_load(path: str | Path):
+    return load_checkpoint_file(path, "--model.checkpoint")
 
 
 def load_checkpoint_weights(net: nn.Module, path: str | Path, head: str) -> list[str]:
@@ -163,6 +191,54 @@ def check_layer_names(net: nn.Module, names: List[str], layer_type: str = "conv"
                              f"{near or candidates[-5:]}")
     order = {n: i for i, n in enumerate(candidates)}
     return sorted(set(names), key=order.__getitem__)
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_model_options(method: str = "vanilla", num_finetune="all", ranks=None, eps: float = 0.8, radius: int = 2,
+                        lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 1e-4, warmup_epochs: int = 0,
+                        warm_start: bool = True, **_) -> list[str]:
+    """Check the numbers of the model options before anything is built: ValueError naming the option, the value and
+    the valid range. Returns warnings for options set away from their default that ``method`` ignores."""
+    def bad(option, value, valid):
+        raise ValueError(f"--model.{option} {value!r} is invalid: {valid}")
+
+    if num_finetune != "all" and (not _is_int(num_finetune) or num_finetune < 1):
+        bad("num_finetune", num_finetune, "it must be an integer >= 1 or 'all'")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (math.isfinite(lr) and lr > 0):
+        bad("lr", lr, "it must be a finite number > 0")
+    if not isinstance(momentum, (int, float)) or not (0 <= momentum < 1):
+        bad("momentum", momentum, "it must be in [0, 1)")
+    if not isinstance(weight_decay, (int, float)) or not (math.isfinite(weight_decay) and weight_decay >= 0):
+        bad("weight_decay", weight_decay, "it must be a finite number >= 0")
+    if not _is_int(warmup_epochs) or warmup_epochs < 0:
+        bad("warmup_epochs", warmup_epochs, "it must be an integer >= 0")
+    used = METHOD_OPTIONS.get(method, ())
+    if "eps" in used and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps <= 1)):
+        bad("eps", eps, "hosvd's explained-variance threshold must be in (0, 1]")
+    if "radius" in used and (not _is_int(radius) or radius < 1):
+        bad("radius", radius, "gradfilter's patch radius must be an integer >= 1")
+    if "ranks" in used and ranks is not None:
+        if _is_int(ranks):
+            flat = [ranks]
+        elif isinstance(ranks, (list, tuple)) and ranks and all(_is_int(r) for r in ranks):
+            flat = list(ranks)
+        elif isinstance(ranks, (list, tuple)) and ranks and all(isinstance(t, (list, tuple)) and t for t in ranks):
+            flat = [r for t in ranks for r in t]
+        else:
+            flat = None
+        if flat is None or not all(_is_int(r) and r >= 1 for r in flat):
+            bad("ranks", ranks, "asi ranks must be one integer >= 1, one list of per-mode ranks for every layer, or "
+                                "one such list per fine-tuned layer, of integers >= 1")
+    warnings_ = []
+    defaults = {"eps": 0.8, "radius": 2, "ranks": None, "warm_start": True}
+    given = {"eps": eps, "radius": radius, "ranks": ranks, "warm_start": warm_start}
+    for option, value in given.items():
+        if option not in used and value != defaults[option]:
+            owners = [m for m, opts in METHOD_OPTIONS.items() if option in opts]
+            warnings_.append(f"--model.{option} {value!r} is ignored by --model.method {method} (it applies to "
+                             f"{', '.join(owners)})")
+    return warnings_
 
 
 def ranks_option(ranks):
@@ -208,21 +284,33 @@ class ClassificationModel(pl.LightningModule):
         adam_betas: Tuple[float, float] = (0.9, 0.999),
         train_bn_affine: bool = False,
         input_shape: Optional[List[int]] = None,
+        name_or_path: Optional[str] = None,
+        lora: bool = False,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: Optional[Union[str, List[str]]] = None,
+        shape_only: Optional[bool] = None,
+        num_blocks: Optional[int] = None,
     ):
         """Classifier fine-tuned with activation compression.
 
         Args:
-            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18 or resnet34; segmentation
-                (paper Table 3, segmentation/models.py): pspnet_r18, deeplabv3_r18, fcn_r18, upernet_r18, pspnet_mv2,
-                deeplabv3_mv2 (start them from --model.checkpoint or with --model.pretrained false).
+            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18, resnet34; LLMs
+                (classification/llm.py): tinyllama (TinyLlama-1.1B-Chat-v1.0), llama_tiny (a tiny random-init LLaMA)
+                or hf (any LLaMA-family model given by --model.name_or_path); segmentation (paper Table 3,
+                segmentation/models.py): pspnet_r18, deeplabv3_r18, fcn_r18, upernet_r18, pspnet_mv2, deeplabv3_mv2
+                (start them from --model.checkpoint or with --model.pretrained false).
             num_classes: Classes of the head; linked from --data.name, not set by hand.
             pretrained: Start from the published ImageNet weights (setup A). If they can be neither found
                 under ckpts/imagenet/ nor downloaded, the run stops and names the file to provide.
             checkpoint: Start from this checkpoint instead (setup B: the pretraining run's file under ckpts/).
                 Its head is reused when the class count matches.
-            method: Activation compression: vanilla, gradfilter, hosvd or asi (asi_core.METHODS).
+            method: Activation compression: vanilla, gradfilter, hosvd or asi (asi_core.METHODS); or lora: peft LoRA
+                adapters on the fine-tuned linears, only they (and the head) train.
             num_finetune: Number of last layers (of --model.layer_type, matching --model.include) to train, or
-                "all". Everything registered before the first of them is frozen.
+                "all". Everything registered before the first of them is frozen. LLM backbones: only those
+                linears and the head train (the last block's norms come after its MLP in registration order), and
+                "all" trains the whole network (pretraining).
             layer_type: What num_finetune counts: "conv" (nn.Conv2d) or "linear" (nn.Linear). Default: the
                 backbone's (conv for the CNNs, linear for the transformers).
             layers: Train exactly these layers (qualified names of --model.layer_type layers) instead of the last
@@ -264,25 +352,81 @@ class ClassificationModel(pl.LightningModule):
                 every BatchNorm parameter is frozen.
             input_shape: Network input [batch size, 3, resolution, resolution]; linked from --data.batch_size and
                 --data.resolution, not set by hand. Checked against --model.perplexity_file (None: not checked).
+            name_or_path: LLM backbones: a local model directory or a hub name to load (weights, config); default for
+                tinyllama: ckpts/hf/TinyLlama-1.1B-Chat-v1.0/ when it exists, else the hub.
+            lora: With vanilla/hosvd/asi: add LoRA adapters on the fine-tuned linears and compress the input of their
+                lora_A layers with the method (ASI composed with LoRA). --model.method lora is the same with vanilla.
+            lora_rank: LoRA rank r.
+            lora_alpha: LoRA scaling alpha (the update is alpha / r * B A x).
+            lora_targets: LoRA on these linears (a regex or glob, or a list; matched like --model.include) instead of
+                the last --model.num_finetune ones.
+            shape_only: LLM backbones: build the network with fake tensors (FakeTensorMode: no memory, no arithmetic,
+                real shapes); `profile` sets it for LLMs. None = false outside profile.
+            num_blocks: LLM backbones: keep only the last N decoder blocks (benchmarks of a real-width model on a CPU).
         """
         super().__init__()
         self.save_hyperparameters()
-        if method not in asi_core.METHODS:
-            raise ValueError(f"Unknown method {method!r}; valid choices: {', '.join(asi_core.METHODS)}")
+        if method not in MODEL_METHODS:
+            raise ValueError(f"Unknown method {method!r}; valid choices: {', '.join(MODEL_METHODS)}")
+        for msg in check_model_options(method, num_finetune, ranks, eps, radius, lr, momentum, weight_decay,
+                                       warmup_epochs, warm_start):
+            rank_zero_warn(msg)
+        self.nonfinite_steps = 0  # training steps whose loss was NaN/inf (metrics.json, "diverged")
         spec = get_spec(backbone)
         self.layer_type = layer_type or spec.layer_type
         self.include = include if include is not None else spec.include
         self.task = spec.task
-        self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None)
+        family = {}
+        if shape_only and method == "hosvd":
+            raise ValueError("shape-only execution (--model.shape_only, profile's default for LLMs) cannot make a "
+                             "data-dependent choice, and hosvd's ranks come from the data: pass --model.shape_only "
+                             "false (a real step with random weights) or profile asi with --model.ranks")
+        if spec.create is not None:  # LLMs build and load themselves
+            family = dict(name_or_path=name_or_path, shape_only=bool(shape_only), num_blocks=num_blocks)
+        elif name_or_path is not None or shape_only or num_blocks is not None:
+            raise ValueError(f"--model.name_or_path, shape_only and num_blocks are for the LLM backbones, not {backbone}")
+        self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None, **family)
+        has_bn = any(isinstance(m, _BN) for m in self.net.modules())
+        if not pretrained and checkpoint is None and (num_finetune != "all" or (set_bn_eval and has_bn)):
+            why = []
+            if num_finetune != "all":
+                why.append(f"only the last {num_finetune} layer(s) and the head learn, on top of a randomly "
+                           f"initialised and frozen backbone")
+            if set_bn_eval and has_bn:
+                why.append("BatchNorm stays in eval mode with its initial statistics, so the features shrink layer "
+                           "by layer (to ~1e-10) and are nearly the same for every input")
+            rank_zero_warn(
+                "--model.pretrained false and no --model.checkpoint: " + "; ".join(why) + ". Expect chance accuracy. "
+                "Train from scratch with --model.num_finetune all --model.set_bn_eval false, or fine-tune from "
+                "pretrained weights (--model.pretrained true, or a setup-B --model.checkpoint)",
+                category=RandomBackboneWarning)
         if checkpoint is not None:
             load_checkpoint_weights(self.net, checkpoint, spec.head)
-        options = {k: getattr(self.hparams, k) for k in METHOD_OPTIONS.get(method, ())}
+        compress, lora_layers, lora_b = method, None, []
+        if method == "lora" or lora:
+            if method not in ("lora", "vanilla", "hosvd", "asi"):
+                raise ValueError(f"--model.lora true composes LoRA with vanilla, hosvd or asi, not {method}")
+            if perplexity_file is not None:
+                raise ValueError("--model.perplexity_file is not supported with LoRA: give --model.ranks")
+            if self.layer_type != "linear" and lora_targets is None:
+                raise ValueError(f"LoRA adapts linear layers; {backbone} fine-tunes {self.layer_type} layers "
+                                 f"(use --model.layer_type linear or --model.lora_targets, or another method)")
+            from .llm import add_lora
+            targets = (asi_core.candidate_layers(self.net, "linear", lora_targets) if lora_targets is not None else
+                       finetune_candidates(self.net, num_finetune, self.layer_type, self.include))
+            lora_layers, lora_b = add_lora(self.net, targets, lora_rank, lora_alpha)
+            compress = "vanilla" if method == "lora" else method
+            for p in self.net.get_submodule(spec.head).parameters():
+                p.requires_grad_(True)
+        options = {k: getattr(self.hparams, k) for k in METHOD_OPTIONS.get(compress, ())}
         # the paper's explicit layer sets (segmentation "5L"/"10L"), or --model.layers
         from segmentation.layer_sets import apply_freeze_rules, layer_set
 
         authors = layer_set(backbone, num_finetune) if layers is None else None
         chosen = layers if layers is not None else (authors["layers"] if authors else None)
         if chosen is not None:
+            if lora_layers is not None:
+                raise ValueError("--model.layers and the segmentation layer sets do not combine with LoRA")
             chosen = check_layer_names(self.net, list(chosen), self.layer_type)
         if authors is not None and "radius" in options:  # Table 3's per-layer radii, in patch's layer order
             radius_of = dict(zip(authors["layers"], authors["radii"]))
@@ -295,8 +439,19 @@ class ClassificationModel(pl.LightningModule):
             options["ranks"] = [tuple(layer["ranks"]) for layer in self.rank_selection["layers"]]
         elif "ranks" in options:
             options["ranks"] = ranks_option(ranks)
-        self.patched = asi_core.patch(self.net, method, num_finetune=None if chosen else num_finetune, layers=chosen,
-                                      lean=lean, layer_type=self.layer_type, include=self.include, **options)
+        if lora_layers is not None:  # the lora_A linears (their input is the activation LoRA keeps)
+            self.patched = asi_core.patch(self.net, compress, layers=lora_layers, lean=lean, layer_type="linear",
+                                          **options)
+        else:
+            self.patched = asi_core.patch(self.net, method, num_finetune=None if chosen else num_finetune,
+                                          layers=chosen, lean=lean, layer_type=self.layer_type, include=self.include,
+                                          **options)
+        if hasattr(self.net, "freeze_unpatched"):  # LLMs: only the patched linears (+ lora_B) and the head train,
+            if num_finetune == "all" and lora_layers is None:  # or everything ("all": pretraining, setup B half 1)
+                for p in self.net.parameters():
+                    p.requires_grad_(True)
+            else:
+                self.net.freeze_unpatched(lora_b)
         rule_trainable: set[str] = set()
         if authors is not None:  # the authors' freeze_layers: some layers train uncompressed (e.g. conv_seg)
             apply_freeze_rules(self.net, authors["freeze"])
@@ -336,7 +491,8 @@ class ClassificationModel(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.criterion = nn.CrossEntropyLoss()
 
-    def random_targets(self, batch_size: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
+    def random_targets(self, batch_size: int, resolution: int,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Random labels for a (batch_size, 3, resolution, resolution) input (profile, benchmark)."""
         shape = (batch_size, resolution, resolution) if self.task == "segmentation" else (batch_size,)
         return torch.randint(0, self.hparams.num_classes, shape, generator=generator)
@@ -403,7 +559,29 @@ class ClassificationModel(pl.LightningModule):
         self._log_segmentation_scores("test", self.test_acc)
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train", self.train_acc)
+        loss = self._step(batch, "train", self.train_acc)
+        if not torch.isfinite(loss):
+            self.nonfinite_steps += 1
+        return loss
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, with a message that says what to do when compression buffers do not match: a
+        checkpoint of a model patched with another method (or an unpatched one)."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            own = set(self.state_dict())
+            extra = sorted(k for k in state_dict if k not in own)
+            missing = sorted(k for k in own if k not in state_dict)
+            if not any(".method." in k for k in extra + missing):
+                raise
+            raise RuntimeError(
+                f"the checkpoint's compression buffers do not match this model (--model.method "
+                f"{self.hparams.method}, --model.num_finetune {self.hparams.num_finetune}): unexpected keys "
+                f"{extra[:4]}{' ...' if len(extra) > 4 else ''}, missing keys {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}. Load it into a model built with the checkpoint's own method "
+                f"and num_finetune (its run's config.yaml), or start from its weights only with "
+                f"--model.checkpoint, which ignores compression buffers") from err
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val", self.val_acc)

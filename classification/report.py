@@ -37,12 +37,13 @@ from typing import Iterable, List, Literal, Optional, Sequence, Union
 
 __all__ = ["collect", "format_table", "pareto_plots", "report", "CSV_COLUMNS"]
 
-METHOD_ORDER = ("vanilla", "gradfilter", "gradfilter_paper", "hosvd", "asi")
+METHOD_ORDER = ("vanilla", "gradfilter", "gradfilter_paper", "hosvd", "asi", "lora")
+LLM_BACKBONES = ("tinyllama", "llama_tiny", "hf")  # classification/llm.py (not imported: report needs no torch)
 # The required CSV columns first, in this order; the rest are extras for whoever reads the CSV.
 CSV_COLUMNS = ("method", "num_finetune", "accuracy", "activation_mib", "gflops",
                "setup", "model", "dataset", "label", "final_accuracy", "best_accuracy", "accuracy_source",
                "gflops_source", "mem_peak", "gflops_peak", "measured_activation_mib", "train_gflops", "paper_gflops", "forward_gflops",
-               "backward_gflops", "overhead_gflops", "runs", "run_dir", "task", "macc")
+               "backward_gflops", "overhead_gflops", "runs", "run_dir", "status", "task", "macc")
 MISSING = "–"
 PathLike = Union[str, Path]
 
@@ -105,6 +106,8 @@ def _label(method: str, args: dict) -> tuple[str, tuple]:
             quals.append("no warm start")
         fixed = "" if budget or not isinstance(ranks, (int, float, str)) else str(ranks)
         return "ASI" + (f" ({', '.join(quals)})" if quals else ""), (bool(quals), warm is False, fixed)
+    if method == "lora":
+        return f"LoRA (r = {args.get('lora_rank')})", ()
     return method, ()
 
 
@@ -127,8 +130,11 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     method = setting("method")
     if method is None or (method not in METHOD_ORDER and not (settings.get("method") or model_args.get("method"))):
         return None  # e.g. a measure/ or profile/ folder without settings: not a training run
-    args = {k: setting(k, sources=(model_args, settings)) for k in ("radius", "eps", "ranks", "warm_start", "budget")}
+    args = {k: setting(k, sources=(model_args, settings))
+            for k in ("radius", "eps", "ranks", "warm_start", "budget", "lora", "lora_rank")}
     label, variant = _label(str(method), args)
+    if args["lora"] and method != "lora":  # LoRA adapters whose lora_A inputs the method compresses
+        label, variant = f"LoRA r{args['lora_rank']} + {label}", (1, *variant)
 
     res = data.get("resources") if isinstance(data.get("resources"), dict) else {}
     peak = method == "hosvd"  # Sec. 4.1: HOSVD's resources vary during training; the paper reports the peak
@@ -167,6 +173,9 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
         "forward_gflops": _num(res.get("forward_gflops")), "backward_gflops": _num(res.get("backward_gflops")),
         "overhead_gflops": _num(res.get("overhead_gflops")),
         "run_dir": str(path.parent),
+        # "finished", "diverged" (a non-finite loss: its accuracy is not a result), "running"/"interrupted"; old files
+        # without the key: "finished" when fit ended
+        "status": str(data.get("status") or ("finished" if "epochs_completed" in data else "unfinished")),
         # which of several runs of one configuration to show: a finished fit first, then the newest file
         "_recency": ("epochs_completed" in data or final is not None or best is not None, path.stat().st_mtime),
     }
@@ -220,7 +229,7 @@ def collect(run_dirs: Union[PathLike, Sequence[PathLike]], accuracy: Literal["fi
             continue
         order = ("final_accuracy", "best_accuracy") if accuracy == "final" else ("best_accuracy", "final_accuracy")
         source = next((k for k in order if row[k] is not None), None)
-        row["accuracy"] = row[source] if source else None
+        row["accuracy"] = row[source] if source and row["status"] != "diverged" else None
         row["accuracy_source"] = {"final_accuracy": "val_acc", "best_accuracy": "best_val_acc"}.get(source)
         key = (row["setup"], row["model"], row["dataset"], row["method"], row["label"], str(row["num_finetune"]))
         old = best.get(key)
@@ -262,8 +271,9 @@ def _md(rows: Sequence[dict]) -> str:
         if any(r.get("task") == "segmentation" for r in group):
             blocks.append(_md_segmentation(model, dataset, group))
             continue
+        llm = model in LLM_BACKBONES  # the paper's Table 4 layout: TFLOPs, a multiply-add counted as 2 FLOPs
         lines = [f"### setup {setup} · {model} · {dataset}", "",
-                 "| Method | #Layers | Acc (%) ↑ | Mem (MiB) ↓ | GFLOPs ↓ |",
+                 f"| Method | #Layers | Acc (%) ↑ | Mem (MiB) ↓ | {'TFLOPs' if llm else 'GFLOPs'} ↓ |",
                  "|:--|--:|--:|--:|--:|"]
         notes, prev = [], None
         for r in group:
@@ -275,15 +285,23 @@ def _md(rows: Sequence[dict]) -> str:
             n = "All" if r["num_finetune"] == "all" else MISSING if r["num_finetune"] is None else r["num_finetune"]
             name = r["label"] if r["label"] != prev else ""
             prev = r["label"]
-            lines.append(f"| {name} | {n}{mark} | {_fmt(r['accuracy'])} | {_fmt(r['activation_mib'])} | "
-                         f"{_fmt(r['gflops'])} |")
+            acc = _fmt(r["accuracy"]) if r.get("status") != "diverged" else "diverged"
+            if r.get("status") == "diverged":
+                notes.append(f"{r['label']}, {r['num_finetune']} layers diverged (non-finite loss; {r['run_dir']}): "
+                             f"no accuracy to report.")
+                mark += f"<sup>{len(notes)}</sup>"
+            flops = r["gflops"] if not llm or r["gflops"] is None else 2 * r["gflops"] / 1000
+            lines.append(f"| {name} | {n}{mark} | {acc} | {_fmt(r['activation_mib'])} | {_fmt(flops)} |")
         lines.append("")
+        if llm:
+            lines.append("TFLOPs as in the paper's Table 4: 2 FLOPs per multiply-add (Tables 1-2 count 1).  ")
         peaks = [what for what, key in (("activation memory", "mem_peak"), ("GFLOPs", "gflops_peak"))
                  if any(r[key] for r in group)]
         if peaks:
             lines.append(f"HOSVD: peak {' and '.join(peaks)} over training (paper Sec. 4.1).  ")
         if any(r["gflops_source"] == "train" for r in group):
-            lines.append("GFLOPs per training step: forward + weight gradient + compression overhead, with "
+            lines.append(f"{'TFLOPs' if llm else 'GFLOPs'} per training step: forward + weight gradient + "
+                         "compression overhead, with "
                          "groups and strides counted (our count).  ")
         if any(r["gflops_source"] == "paper" for r in group):
             lines.append("GFLOPs: the paper's eq. 15-17 as written (comparable with its tables).  ")

@@ -23,6 +23,7 @@ counted correctly; ``paper_gflops`` is the same sum with eq. 16/17 as written (`
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
@@ -183,28 +184,42 @@ def profile_step(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = 
 
 
 def profile_report(model: nn.Module, batch_size: int, resolution: int, device: str = "auto",
-                   seed: int = 0) -> dict:
+                   seed: int = 0, max_length: Optional[int] = None) -> dict:
     """``main.py profile``: one training step of a ``ClassificationModel`` (its hparams name the backbone,
-    method and options) on random input (batch_size, 3, resolution, resolution) and random labels, with an
-    SGD step at the model's lr; returns the JSON object the command prints (schema in the README)."""
+    method and options) on random input (batch_size, 3, resolution, resolution), or for a language model
+    (``model.net.is_language_model``) random token ids (batch_size, max_length), and random labels, with an
+    SGD step at the model's lr; returns the JSON object the command prints (schema in the README).
+    A network built shape-only (``model.net.fake_mode``, classification/llm.py) runs the whole step under its
+    FakeTensorMode: real shapes, saved tensors and FLOP counts, no arithmetic and no memory."""
     hp = model.hparams
+    net = getattr(model, "net", model)
+    text = getattr(net, "is_language_model", False)
+    fake_mode = getattr(net, "fake_mode", None)
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() and fake_mode is None else "cpu"
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, 3, resolution, resolution, generator=gen).to(device)
-    y = (model.random_targets(batch_size, resolution, gen) if hasattr(model, "random_targets")  # (B,) or (B, H, W)
-         else torch.randint(0, hp.num_classes, (batch_size,), generator=gen)).to(device)
-    model.to(device)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
-    res = profile_step(model, x, y, optimizer=optimizer)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        if text:
+            x = {k: v.to(device) for k, v in net.random_input(batch_size, max_length or resolution).items()}
+        else:
+            x = torch.randn(batch_size, 3, resolution, resolution, generator=gen).to(device)
+        y = (model.random_targets(batch_size, resolution) if hasattr(model, "random_targets")
+             else torch.randint(0, hp.num_classes, (batch_size,))).to(device)  # (B,), or (B, H, W) for segmentation
+        if fake_mode is None:
+            model.to(device)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
+        res = profile_step(model, x, y, optimizer=optimizer)
     options = {"asi": {"ranks": hp.ranks}, "hosvd": {"eps": hp.eps}, "gradfilter": {"radius": hp.radius},
                "gradfilter_paper": {"radius": hp.radius}}
+    shape = {"max_length": max_length or resolution} if text else {"resolution": resolution}
     out = {"model": hp.backbone, "method": hp.method, "num_finetune": hp.num_finetune,
-           "batch_size": batch_size, "resolution": resolution, **options.get(hp.method, {}),
+           "batch_size": batch_size, **shape, **options.get(hp.method, {}),
            "lean": hp.method != "vanilla" if hp.lean is None else bool(hp.lean), "device": str(device)}
     if getattr(hp, "train_bn_affine", False):
         out["train_bn_affine"] = True
+    if text:
+        out.update(lora=bool(hp.get("lora")) or hp.method == "lora", shape_only=fake_mode is not None)
     keys = ("activation_mib", "measured_activation_mib", "measured_layers_mib", "measured_mask_mib",
             "forward_gflops", "backward_gflops", "overhead_gflops", "core_gflops", "input_grad_gflops",
             "train_gflops", "paper_gflops", "total_gflops")

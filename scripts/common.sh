@@ -9,12 +9,18 @@
 #   PYTHON       interpreter (default: .venv/bin/python when it exists, else python3)
 #   EXTRA_ARGS   appended to every main.py command, split on spaces, e.g. for a quick pass:
 #                EXTRA_ARGS="--trainer.max_epochs 1 --trainer.limit_train_batches 5"
+#   OVERWRITE=1  redo fits whose run directory holds a run made with other settings (--overwrite true) instead of
+#                failing on them
 #   MODELS, DATASETS, SETUPS, LAYERS, ...: each script says which it reads and their defaults.
 #
-# A run whose result already exists is skipped, so an interrupted sweep resumes where it stopped: a fit is done
-# when its metrics.json holds "epochs_completed" (written when fit ends; callbacks may create the file earlier),
-# a perplexity table or a benchmark when its JSON file exists. Every run gets an explicit --exp_name, so the
-# scripts know where its result lands. Remove a run's folder to redo it.
+# Done means done with the requested settings, and an interruption costs nothing:
+# - a fit is skipped here when its metrics.json says "status": "finished" and the run directory's
+#   sweep_command.txt (written after it succeeded) is this very command; otherwise it runs with --resume true, and
+#   main.py compares the resolved settings (configs, EXTRA_ARGS, seed, trainer length) with those the run recorded:
+#   a finished run with the same settings is left alone, an interrupted one resumes from its checkpoints/last.ckpt,
+#   one with other settings is refused with the differences listed (OVERWRITE=1 redoes it);
+# - a perplexity table or a benchmark is done when its JSON file exists (measure checks its own settings).
+# Every run gets an explicit --exp_name, so the scripts know where its result lands.
 
 set -euo pipefail
 
@@ -30,6 +36,8 @@ RUN_ROOT="$(_path "${2:-${RUN_ROOT:-runs}}")"
 CKPT_DIR="$(_path "${ASI_CKPT_DIR:-$REPO/ckpts}")"
 DRY_RUN="${DRY_RUN:-0}"
 KEEP_GOING="${KEEP_GOING:-0}"
+# how a fit treats a run directory that already holds a run (see the header)
+if [[ "${OVERWRITE:-0}" == 1 ]]; then LIFECYCLE=(--overwrite true); else LIFECYCLE=(--resume true); fi
 cd "$REPO"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -55,10 +63,16 @@ _quote() {
     QUOTED="${out[*]}"
 }
 
-# is_done FILE: the result of a run exists (a metrics.json only counts once fit has finished).
+# is_done FILE COMMAND: the result of a run exists. A metrics.json counts once fit has finished ("status":
+# "finished") and when the same COMMAND made it (sweep_command.txt next to it); anything else goes to main.py,
+# which compares the resolved settings (see the header).
 is_done() {
     [[ -s "$1" ]] || return 1
-    [[ "$(basename "$1")" != metrics.json ]] || grep -q '"epochs_completed"' "$1"
+    [[ "$(basename "$1")" == metrics.json ]] || return 0
+    grep -q '"status": "finished"' "$1" || return 1
+    local marker
+    marker="$(dirname "$1")/sweep_command.txt"
+    [[ -f "$marker" && "$(cat "$marker")" == "$2" ]]
 }
 
 # run_once DONE_FILE [--last-line FILE] [--needs FILE] -- CMD...
@@ -77,13 +91,13 @@ run_once() {
         esac
     done
     shift
-    if is_done "$done_file"; then
+    _quote "$@"
+    if is_done "$done_file" "$QUOTED"; then
         echo "skip (done): $done_file" >&2
         N_SKIPPED=$((N_SKIPPED + 1))
         return 0
     fi
-    _quote "$@"
-    local shown="$QUOTED${stdout:+ | tail -n 1 > $stdout}"
+    local command="$QUOTED" shown="$QUOTED${stdout:+ | tail -n 1 > $stdout}"
     if [[ "$DRY_RUN" == 1 ]]; then
         [[ -z "$needs" || -e "$needs" ]] || echo "# needs $needs, which does not exist yet" >&2
         printf '%s\n' "$shown"
@@ -107,7 +121,10 @@ run_once() {
     fi
     if [[ $rc == 0 ]]; then
         N_RAN=$((N_RAN + 1))
-        is_done "$done_file" || echo "warning: the run ended but $done_file is not there" >&2
+        if [[ "$(basename "$done_file")" == metrics.json && -s "$done_file" ]]; then
+            printf '%s\n' "$command" > "$(dirname "$done_file")/sweep_command.txt"
+        fi
+        is_done "$done_file" "$command" || echo "warning: the run ended but $done_file does not show it finished" >&2
         return 0
     fi
     N_FAILED=$((N_FAILED + 1))
@@ -127,7 +144,7 @@ fit() {
     [[ -n "${RECIPE[$setup]:-}" ]] || die "unknown setup '$setup' (A or B)"
     run_once "$RUN_ROOT/setup$setup/$model/$dataset/$method/$exp/metrics.json" ${NEEDS:+--needs "$NEEDS"} -- \
         "$PYTHON" main.py fit --config "${RECIPE[$setup]}" --config "configs/models/$model.yaml" \
-        --config "configs/data/$dataset.yaml" --data.root "$DATA_ROOT" --run_root "$RUN_ROOT" \
+        --config "configs/data/$dataset.yaml" --data.root "$DATA_ROOT" --run_root "$RUN_ROOT" "${LIFECYCLE[@]}" \
         --exp_name "$exp" --model.method "$method" "$@" "${EXTRA[@]}"
 }
 

@@ -35,7 +35,7 @@ step() { echo; echo "=== [$1/4] $2 ($((SECONDS - START)) s so far)" >&2; }
 
 step 1 "pretraining MCUNet on digits half 1 (setup B, vanilla, all layers, $PRE_EPOCHS epochs)"
 run_once "$RUN_ROOT/setupB/mcunet/digits/vanilla/pretrain/metrics.json" -- \
-    "$PYTHON" main.py fit --config configs/recipes/setupB_pretrain.yaml "${DATA[@]}" --exp_name pretrain \
+    "$PYTHON" main.py fit --config configs/recipes/setupB_pretrain.yaml "${DATA[@]}" "${LIFECYCLE[@]}" --exp_name pretrain \
     --trainer.max_epochs "$PRE_EPOCHS" --model.lr 0.1 "${QUIET[@]}"
 CKPT="$ASI_CKPT_DIR/setupB/mcunet_digits.ckpt"
 

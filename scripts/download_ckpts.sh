@@ -54,7 +54,7 @@ fetch_imagenet() {
     ASI_CKPT_DIR="$CKPTS" "$PYTHON" - <<'PY'
 from classification.backbones import MODELS, imagenet_weights_path, _download
 for name, spec in MODELS.items():
-    if not spec.weights_url:  # segmentation networks: no ImageNet weights (their checkpoints: `seg`)
+    if spec.create is not None:  # LLMs (Hugging Face cache) and segmentation networks (`seg`): no ImageNet file
         continue
     dst = imagenet_weights_path(name)
     if dst.is_file():

@@ -10,9 +10,16 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 
 for model in ${MODELS:-$ALL_MODELS}; do
-    run_once "$CKPT_DIR/setupB/${model}_imagenet.ckpt" -- \
+    # done: the pretraining run finished with these settings (it also wrote $CKPT_DIR/setupB/${model}_imagenet.ckpt);
+    # a checkpoint that is there without such a run (download_ckpts.sh setupB) is kept and used as it is
+    if [[ -s "$CKPT_DIR/setupB/${model}_imagenet.ckpt" && ! -e "$RUN_ROOT/setupB/$model/imagenet/vanilla/pretrain" ]]; then
+        echo "skip (done): $CKPT_DIR/setupB/${model}_imagenet.ckpt exists (not made by this sweep; kept)" >&2
+        N_SKIPPED=$((N_SKIPPED + 1))
+        continue
+    fi
+    run_once "$RUN_ROOT/setupB/$model/imagenet/vanilla/pretrain/metrics.json" -- \
         "$PYTHON" main.py fit --config configs/recipes/setupB_pretrain.yaml --config "configs/models/$model.yaml" \
-        --config configs/data/imagenet.yaml --data.root "$DATA_ROOT" --run_root "$RUN_ROOT" \
+        --config configs/data/imagenet.yaml --data.root "$DATA_ROOT" --run_root "$RUN_ROOT" "${LIFECYCLE[@]}" \
         --exp_name pretrain "${EXTRA[@]}"
 done
 finish

@@ -2,6 +2,7 @@
 bad input is answered with the valid choices, and a subcommand is one decorated method."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ def compose(cfg: str) -> list[str]:
         return ["--config", cfg] + (seg_model if kind == "recipes" else [])
     if kind == "data" and cfg.split("/")[-1] in ("voc12aug.yaml", "cityscapes.yaml", "digit_scenes.yaml"):
         return seg_model + ["--config", cfg]
+    llm_data = ["--config", "configs/data/digits_tokens.yaml"]
+    if cfg == "configs/models/tinyllama.yaml":  # 1.1B parameters: built shape-only (fake tensors), no download
+        return ["--config", cfg, *llm_data, "--model.pretrained", "false", "--model.shape_only", "true"]
+    if cfg in ("configs/models/llama_tiny.yaml", "configs/methods/lora.yaml"):
+        return ["--config", "configs/models/llama_tiny.yaml", *llm_data] + (["--config", cfg] if kind == "methods" else [])
     if kind == "recipes":
         return ["--config", cfg] + BASE
     if kind == "models":
@@ -71,8 +77,10 @@ def test_shipped_config_parses_and_instantiates(cfg, tmp_path, ckpts, monkeypatc
             assert cli.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, cli.model.hparams.num_classes, 32, 32)
         assert cli.model.patched == ["decode_head.bottleneck.conv"] or cli.model.hparams.backbone != "pspnet_mv2"
         return
-    with torch.no_grad():
-        assert cli.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, cli.model.hparams.num_classes)
+    net = cli.model.net
+    with torch.no_grad(), getattr(net, "fake_mode", None) or contextlib.nullcontext():
+        x = net.random_input(1, 8) if getattr(net, "is_language_model", False) else torch.zeros(1, 3, 32, 32)
+        assert cli.model.eval()(x).shape == (1, cli.model.hparams.num_classes)
     assert len(cli.model.patched) in (cli.model.hparams.num_finetune, 42)  # 42: num_finetune "all" on MCUNet
 
 
@@ -112,7 +120,7 @@ def test_num_finetune_all_and_run_dir_layout(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arg, words", [
     (["--model.backbone", "vgg"], ["vgg", "mcunet", "mobilenet_v2", "resnet18", "resnet34"]),
     (["--data.name", "mnist"], ["mnist", "digits", "cifar10", "cub200", "imagenet"]),
-    (["--model.method", "lora"], ["lora", "vanilla", "gradfilter", "hosvd", "asi"]),
+    (["--model.method", "dora"], ["dora", "vanilla", "gradfilter", "hosvd", "asi", "lora"]),
     (["--model.no_such_key", "1"], ["no_such_key"]),
 ])
 def test_bad_input_lists_the_valid_choices(arg, words, tmp_path, monkeypatch, capsys):

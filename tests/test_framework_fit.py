@@ -94,10 +94,13 @@ def test_resume_continues_with_same_step_and_warm_start_buffers(run_cli, tmp_pat
 
 def test_setup_b_pretrain_exports_and_finetune_starts_from_it(run_cli, tmp_path, ckpts):
     pre = run_cli("fit", "--config", "configs/recipes/setupB_pretrain.yaml")
-    pre_dir = tmp_path / "runs" / "setupB" / "mcunet" / "digits" / "vanilla" / "pretrain"
+    pre_dir = pre.run_dir  # pretrain_<settings hash>
     export = ckpts / "setupB" / "mcunet_digits.ckpt"
-    assert pre.run_dir == pre_dir and export.is_file()
+    assert pre_dir.parent == tmp_path / "runs" / "setupB" / "mcunet" / "digits" / "vanilla" and export.is_file()
+    assert pre_dir.name.startswith("pretrain_")
     assert json.loads((pre_dir / "metrics.json").read_text())["exported_ckpt"] == str(export)
+    assert json.loads((pre_dir / "metrics.json").read_text())["exported_ckpt_sha256"] == \
+        __import__("hashlib").sha256(export.read_bytes()).hexdigest()  # which file this run exported, by content
     # pretraining trains everything, BatchNorm included (its statistics left their init of 0)
     assert len(pre.model.patched) == 42 and pre.model.net.first_conv.bn.running_mean.abs().sum() > 0
     exported = torch.load(export, map_location="cpu", weights_only=True)["state_dict"]

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 SWEEPS = ["asi_setupA", "asi_setupB", "baselines", "latency", "paper", "perplexity", "pretrain_setupB", "warm_start",
-          "segmentation"]
+          "table4", "table4_profile", "segmentation"]
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
@@ -68,6 +68,10 @@ DRY = {
                             "configs/models/resnet34.yaml --config configs/data/imagenet.yaml", "--exp_name pretrain"]),
 }
 DRY["paper"] = (sum(n for n, _ in DRY.values()) + 1, ["python main.py report {runs} --out {runs}/report.md"])
+DRY["table4"] = (11, ["main.py fit --config configs/recipes/setupA.yaml --config configs/models/tinyllama.yaml "
+                      "--config configs/data/boolq.yaml", "--exp_name l5_r20 --model.method asi --model.num_finetune 5 "
+                      "--model.ranks 20", "--exp_name l1 --model.method vanilla --model.num_finetune 1",
+                      "python main.py report {runs}/setupA/tinyllama/boolq --out {runs}/table4/report.md --flops paper"])
 # Table 3 (not part of paper.sh: it needs VOC12 aug and the authors' segmentation checkpoints): 6 models x
 # (1 perplexity table + vanilla all + 2 layer sets x 4 methods)
 DRY["segmentation"] = (60, [
@@ -112,8 +116,12 @@ def test_finished_runs_are_skipped_and_the_rest_run(tmp_path):
     ppl.parent.mkdir(parents=True)
     ppl.write_text("{}")
     asi = runs / "setupA/mcunet/cifar10/asi"
-    (asi / "l2_budgethosvd@0.8").mkdir(parents=True)
-    (asi / "l2_budgethosvd@0.8/metrics.json").write_text(json.dumps({"epochs_completed": 50, "val_acc": 0.9}))
+    commands = sh("asi_setupA", env={**env, "DRY_RUN": "1"}).stdout.splitlines()
+    assert len(commands) == 2 and all("--resume true" in c for c in commands)
+    (asi / "l2_budgethosvd@0.8").mkdir(parents=True)  # finished, by this very command
+    (asi / "l2_budgethosvd@0.8/metrics.json").write_text(json.dumps({"status": "finished", "val_acc": 0.9}, indent=2))
+    (asi / "l2_budgethosvd@0.8/sweep_command.txt").write_text(
+        next(c for c in commands if "l2_budget" in c) + "\n")
     (asi / "l4_budgethosvd@0.8").mkdir(parents=True)  # an interrupted run: a callback's keys, fit never ended
     (asi / "l4_budgethosvd@0.8/metrics.json").write_text(json.dumps({"resources": {"activation_mib": 0.4}}))
 
