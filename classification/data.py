@@ -131,11 +131,13 @@ DATASETS: dict[str, DatasetSpec] = {
 def _register_segmentation() -> None:
     from segmentation import data as seg
 
-    DATASETS["voc12aug"] = DatasetSpec(21, None, seg.VOC_HOW_TO, "segmentation", seg.voc12aug_sets, 1)
-    DATASETS["cityscapes"] = DatasetSpec(19, None, seg.CITYSCAPES_HOW_TO, "segmentation", seg.cityscapes_sets, 1)
+    DATASETS["voc12aug"] = DatasetSpec(21, None, seg.VOC_HOW_TO, task="segmentation", make_sets=seg.voc12aug_sets,
+                                       eval_batch_size=1)
+    DATASETS["cityscapes"] = DatasetSpec(19, None, seg.CITYSCAPES_HOW_TO, task="segmentation",
+                                         make_sets=seg.cityscapes_sets, eval_batch_size=1)
     DATASETS["digit_scenes"] = DatasetSpec(seg.DigitScenes.NUM_CLASSES, None,
                                            "bundled: composed from scikit-learn's digits; nothing to download",
-                                           "segmentation", seg.digit_scenes_sets)
+                                           task="segmentation", make_sets=seg.digit_scenes_sets)
 
 
 _register_segmentation()

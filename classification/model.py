@@ -381,7 +381,7 @@ class ClassificationModel(pl.LightningModule):
             raise ValueError("shape-only execution (--model.shape_only, profile's default for LLMs) cannot make a "
                              "data-dependent choice, and hosvd's ranks come from the data: pass --model.shape_only "
                              "false (a real step with random weights) or profile asi with --model.ranks")
-        if spec.create is not None:  # LLMs build and load themselves
+        if spec.create is not None and spec.task != "segmentation":  # LLMs build and load themselves
             family = dict(name_or_path=name_or_path, shape_only=bool(shape_only), num_blocks=num_blocks)
         elif name_or_path is not None or shape_only or num_blocks is not None:
             raise ValueError(f"--model.name_or_path, shape_only and num_blocks are for the LLM backbones, not {backbone}")
