@@ -77,8 +77,8 @@ class ActivationMeter:
         if not self.started:
             self._meter.__enter__()
             self.running = self.started = True
-        if args and isinstance(args[0], torch.Tensor):
-            self.input_requires_grad[name] = bool(args[0].requires_grad)
+        if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():  # (not inside a checkpointed
+            self.input_requires_grad[name] = bool(args[0].requires_grad)           # forward, which runs no graph)
         if self.running:
             self._marks[name] = len(self._meter.records)
 
