@@ -32,6 +32,7 @@ from torch import nn
 import asi_core
 from asi_core import accounting
 from asi_core.lean import SavedTensorMeter
+from asi_core.recompute import RecomputeMeter
 
 __all__ = ["ActivationMeter", "layer_reports", "totals", "resource_summary", "profile_step", "profile_report",
            "MASK_DTYPES"]
@@ -175,11 +176,14 @@ def profile_step(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = 
     model.train()
     with ActivationMeter(net, exclude=[model]) as meter:
         loss = loss_fn(model(x), y)
-    loss.backward()
+    with RecomputeMeter(exclude=[model]) as recomputed:  # what a recomputed segment holds while its backward runs
+        loss.backward()
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return resource_summary(net, meter)
+    out = resource_summary(net, meter)
+    out["measured_recompute_peak_mib"] = recomputed.peak_bytes / MIB if recomputed.segments else None
+    return out
 
 
 def profile_report(model: nn.Module, batch_size: int, resolution: int, device: str = "auto",
@@ -200,10 +204,12 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     options = {"asi": {"ranks": hp.ranks}, "hosvd": {"eps": hp.eps}, "gradfilter": {"radius": hp.radius}}
     out = {"model": hp.backbone, "method": hp.method, "num_finetune": hp.num_finetune,
            "batch_size": batch_size, "resolution": resolution, **options.get(hp.method, {}),
-           "lean": hp.method != "vanilla" if hp.lean is None else bool(hp.lean), "device": str(device)}
+           "lean": hp.method != "vanilla" if hp.lean is None else bool(hp.lean), "device": str(device),
+           "checkpointing": bool(hp.get("checkpointing")), "recompute": bool(hp.get("recompute")),
+           "recomputed_segments": list(getattr(model, "recomputed", []))}
     keys = ("activation_mib", "measured_activation_mib", "measured_layers_mib", "measured_mask_mib",
             "forward_gflops", "backward_gflops", "overhead_gflops", "core_gflops", "input_grad_gflops",
-            "train_gflops", "paper_gflops", "total_gflops")
+            "train_gflops", "paper_gflops", "total_gflops", "measured_recompute_peak_mib")
     out.update({k: res[k] for k in keys})
     out["analytic_plus_mask_mib"] = res["activation_mib"] + res["measured_mask_mib"]
     layer_keys = ("name", "input_shape", "output_shape", "ranks", "memory_mib", "measured_mib", "forward_flops",
