@@ -130,6 +130,10 @@ class ModelSpec:
     layer_type: str = "conv"          # what --model.num_finetune counts by default (asi_core.patch's layer_type)
     include: Optional[str] = None     # default name filter of those layers (asi_core.patch's include), e.g. "mlp"
     fixed_resolution: Optional[int] = None  # the only input size the architecture takes (ViT: position embeddings)
+    # FLOPs per multiply-add in the paper's tables for this model: 1 for the CNNs (Tables 1-2), 2 for Swin-T's Table 2
+    # rows (their vanilla 2/4-layer TFLOPs, 0.11/0.23 at batch 128, are twice our forward + weight-gradient MACs,
+    # 0.059/0.118 T). Scales ``paper_gflops`` only; every other *_gflops figure counts 1 multiply-add = 1 FLOP.
+    paper_flops_per_mac: int = 1
 
 
 def _swin(**kw) -> Callable[[], nn.Module]:
@@ -170,7 +174,7 @@ MODELS: dict[str, ModelSpec] = {
     # nn.Linear layers whose name contains "mlp" (the authors' selection): Swin's features.<stage>.<block>.mlp.0/.3
     # and ViT's encoder.layers.encoder_layer_<i>.mlp.0/.3; Swin feeds them (B, H, W, C), ViT (B, T, D).
     "swin_t": ModelSpec(_tv("swin_t"), "head", "https://download.pytorch.org/models/swin_t-704ceda3.pth",
-                        "swin_t-704ceda3.pth", 224, layer_type="linear", include="mlp"),
+                        "swin_t-704ceda3.pth", 224, layer_type="linear", include="mlp", paper_flops_per_mac=2),
     "vit_b_32": ModelSpec(_tv("vit_b_32"), "heads.head", "https://download.pytorch.org/models/vit_b_32-d86f8d99.pth",
                           "vit_b_32-d86f8d99.pth", 224, layer_type="linear", include="mlp", fixed_resolution=224),
     # Test-only miniatures (random weights only, no published file): the same torchvision classes and module names

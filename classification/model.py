@@ -242,6 +242,7 @@ class ClassificationModel(pl.LightningModule):
             raise ValueError(f"{backbone} takes {spec.fixed_resolution}x{spec.fixed_resolution} inputs only (its "
                              f"position embeddings), got --data.resolution {input_shape[-1]}; pass "
                              f"--data.resolution {spec.fixed_resolution}")
+        self.paper_flops_per_mac = spec.paper_flops_per_mac  # scales paper_gflops (resources, metrics.json)
         self.layer_type = layer_type or spec.layer_type
         self.include = include if include is not None else spec.include
         self.net = create_model(backbone, num_classes, pretrained=pretrained and checkpoint is None)
