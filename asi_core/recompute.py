@@ -76,8 +76,9 @@ def _rng_state(tensors) -> tuple:
 
 class _Recompute(torch.autograd.Function):
     """``run(*inputs)`` computed without a graph; backward recomputes it with one (see the module docstring).
-    ``params`` are passed only so that the output requires grad when they do (their gradients are accumulated
-    by the inner backward, as ``torch.utils.checkpoint``'s reentrant variant does)."""
+    Extra arguments after the inputs (an empty "anchor" leaf) only make the output require grad; the segment's
+    parameter gradients are accumulated by the inner backward, as ``torch.utils.checkpoint``'s reentrant variant
+    does."""
 
     @staticmethod
     def forward(ctx, run: Callable, n_inputs: int, *args):
@@ -87,7 +88,7 @@ class _Recompute(torch.autograd.Function):
         ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
         ctx.needs = [isinstance(a, torch.Tensor) and a.requires_grad for a in inputs]
         ctx.others = [None if t else a for a, t in zip(inputs, ctx.is_tensor)]
-        ctx.n_params = len(args) - n_inputs
+        ctx.n_extra = len(args) - n_inputs
         ctx.save_for_backward(*[a for a, t in zip(inputs, ctx.is_tensor) if t])
         return run(*inputs)
 
@@ -116,18 +117,22 @@ class _Recompute(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         input_grads = [a.grad if n else None for a, n in zip(inputs, ctx.needs)]
-        return (None, None, *input_grads, *([None] * ctx.n_params))
+        return (None, None, *input_grads, *([None] * ctx.n_extra))
 
 
 def _recomputed_forward(module: nn.Module, *args, **kwargs):
     forward = type(module).forward.__get__(module)
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    trainable = any(p.requires_grad for p in module.parameters())
+    if not trainable and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return forward(*args, **kwargs)  # nothing to differentiate: no graph either way
     run = partial(forward, **kwargs) if kwargs else forward
-    return _Recompute.apply(run, len(args), *args, *params)
+    # A fresh leaf that requires grad makes the output require grad when no input does (the first segment: its
+    # input comes from the frozen part). The parameters are not inputs of the Function: the inner backward
+    # accumulates their gradients once, so DDP's hooks fire once per parameter.
+    anchor = torch.empty(0, requires_grad=True) if trainable else None
+    return _Recompute.apply(run, len(args), *args, *([anchor] if anchor is not None else []))
 
 
 def _contains(module: nn.Module, targets: set) -> bool:
