@@ -126,6 +126,9 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
         return None  # e.g. a measure/ or profile/ folder without settings: not a training run
     args = {k: setting(k, sources=(model_args, settings)) for k in ("radius", "eps", "ranks", "warm_start", "budget")}
     label, variant = _label(str(method), args)
+    for option in ("checkpointing", "recompute"):  # the recomputation variants: rows of their own beside the method
+        if setting(option, sources=(model_args, settings)) is True:
+            label, variant = f"{label} + {option}", (*variant, option)
 
     res = data.get("resources") if isinstance(data.get("resources"), dict) else {}
     peak = method == "hosvd"  # Sec. 4.1: HOSVD's resources vary during training; the paper reports the peak

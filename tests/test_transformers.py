@@ -178,3 +178,27 @@ def test_fit_tiny_transformers_on_digits(name, method, extra, run_cli, tmp_path,
     assert all(".mlp." in n for n in metrics["patched_layers"])
     assert metrics["resources"]["measured_activation_mib"] > 0
     assert f"on the last 4 linear layers matching include='mlp': {', '.join(metrics['patched_layers'])}" in caplog.text
+
+
+def test_report_keeps_checkpointing_runs_beside_the_method(tmp_path):
+    from classification.report import collect, format_table
+
+    for exp, flags in (("l4", {}), ("l4_ckpt", {"checkpointing": True})):
+        path = tmp_path / "setupA" / "swin_t" / "pets" / "vanilla" / exp / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({
+            "settings": {"setup": "A", "model": "swin_t", "dataset": "pets", "method": "vanilla", "num_finetune": 4,
+                         "model_args": {"checkpointing": False, "recompute": False, **flags}},
+            "val_acc": 0.9, "epochs_completed": 1,
+            "resources": {"activation_mib": 183.75, "measured_activation_mib": 27.8 if flags else 253.2}}))
+    rows = collect(tmp_path)
+    assert sorted(r["label"] for r in rows) == ["Vanilla training", "Vanilla training + checkpointing"]
+    assert {r["label"]: r["measured_activation_mib"] for r in rows}["Vanilla training + checkpointing"] == 27.8
+    assert "Vanilla training + checkpointing" in format_table(rows, "md")
+
+
+def test_benchmark_variants_are_checked():
+    from classification.benchmark import benchmark_models
+
+    with pytest.raises(ValueError, match=r"\+checkpointing or \+recompute"):
+        benchmark_models({"backbone": "swin_tiny_test"}, ["vanilla+offload"], 2, 32, progress=False)
