@@ -12,11 +12,14 @@ autograd (the same kernels on the same values; the tests compare them in float64
   included. During the forward the patched layers see no graph and run as the plain layer (no compression: the
   output is exact anyway); in backward the recomputation runs them in training mode, so a compressing method
   compresses exactly once per step (asi's warm start advances once). What is kept across the step is one input per
-  block; while a block's backward runs, its full (method-compressed) activations exist transiently.
+  block; while a block's backward runs, its full (method-compressed) activations exist transiently
+  (:class:`RecomputeMeter` measures the largest). Works with RNG on CPU and CUDA, and under DDP.
 * ``mode="recompute"`` (``--model.recompute true``): only the parts *without* a patched layer are segments (the
-  attention of a transformer block, the norm/pool/head tail ...), so the patched layers keep their compressed
-  activations from the forward and are never recomputed (no second matmul, no second compression); what sits
-  between patched layers inside a module that holds them (an MLP's GELU) keeps what it keeps: see README, "Transformers".
+  attention of a transformer block, ...), so the patched layers keep their compressed activations from the forward
+  and are never recomputed (no second matmul, no second compression). What sits between patched layers inside a
+  module that holds them (an MLP's GELU, whose backward needs its input, the output of the compressed layer before
+  it) keeps what it keeps: rebuilding it would need that layer's exact input, i.e. checkpointing
+  (docs/transformers.md itemises a Swin-T).
 
 How segments are chosen (:func:`segments`), for any model, from the module tree and the first patched layer: a
 module registered entirely before the first patched layer is frozen and skipped; a module that *straddles* it (has
