@@ -13,7 +13,8 @@ autograd (the same kernels on the same values; the tests compare them in float64
   output is exact anyway); in backward the recomputation runs them in training mode, so a compressing method
   compresses exactly once per step (asi's warm start advances once). What is kept across the step is one input per
   block; while a block's backward runs, its full (method-compressed) activations exist transiently
-  (:class:`RecomputeMeter` measures the largest). Works with RNG on CPU and CUDA, and under DDP.
+  (:class:`RecomputeMeter` measures the largest). Restores the CPU and CUDA random states (CUDA untested here: no
+  GPU); works under DDP (checked with 2 CPU processes).
 * ``mode="recompute"`` (``--model.recompute true``): only the parts *without* a patched layer are segments (the
   attention of a transformer block, ...), so the patched layers keep their compressed activations from the forward
   and are never recomputed (no second matmul, no second compression). What sits between patched layers inside a

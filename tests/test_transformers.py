@@ -103,6 +103,10 @@ def test_segments_of_the_real_models():
     assert rc.segments(swin, patched, "recompute") == ["features.7.1.attn"]
     with pytest.raises(ValueError, match="valid"):
         rc.segments(swin, patched, "offload")
+    assert rc.enable(swin, patched, "checkpointing") == rc.recomputed_segments(swin) == ["features.7.0.mlp",
+                                                                                         "features.7.1"]
+    asi_core.unpatch(swin)  # undoes the segments too
+    assert not rc.recomputed_segments(swin) and "forward" not in swin.features[7][1].__dict__
 
 
 def _kept_bytes(name, method, res, batch=2, **flags):
