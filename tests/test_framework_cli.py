@@ -26,8 +26,9 @@ def compose(cfg: str) -> list[str]:
     kind = cfg.split("/")[1]
     if kind == "recipes":
         return ["--config", cfg] + BASE
-    if kind == "models":
-        return ["--config", cfg, "--config", "configs/data/digits.yaml"]
+    if kind == "models":  # ViT takes its one input size only (digits.yaml sets 32)
+        fixed = ["--data.resolution", "224"] if "vit_" in cfg else []
+        return ["--config", cfg, "--config", "configs/data/digits.yaml", *fixed]
     if kind == "data":  # real datasets are not loaded at instantiation; no ImageNet weights offline
         return ["--config", "configs/models/mcunet.yaml", "--config", cfg, "--model.pretrained", "false"]
     return BASE + ["--config", cfg]
@@ -62,7 +63,8 @@ def test_shipped_config_parses_and_instantiates(cfg, tmp_path, ckpts, monkeypatc
         assert cli.config.trainer[key] == value, key
     assert cli.model.hparams.num_classes == num_classes_of(cli.datamodule.name)
     with torch.no_grad():
-        assert cli.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, cli.model.hparams.num_classes)
+        res = cli.config.data.resolution
+        assert cli.model.eval()(torch.zeros(1, 3, res, res)).shape == (1, cli.model.hparams.num_classes)
     assert len(cli.model.patched) in (cli.model.hparams.num_finetune, 42)  # 42: num_finetune "all" on MCUNet
 
 
