@@ -120,13 +120,15 @@ def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = N
 
 
 def unpatch(model: nn.Module) -> list[str]:
-    """Put the plain modules back, carrying the (trained) Parameters; undo lean replacements."""
+    """Put the plain modules back, carrying the (trained) Parameters; undo lean replacements and recompute.enable."""
     names = []
     for name, wrapper in patched_layers(model):
         model.set_submodule(name, wrapper.to_plain())
         names.append(name)
     from .lean import unmake_lean
+    from .recompute import disable
     unmake_lean(model)
+    disable(model)  # recompute.enable's segments, if any
     return names
 
 

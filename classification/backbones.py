@@ -133,6 +133,25 @@ class ModelSpec:
     # families that build and load themselves (Hugging Face LLMs, classification/llm.py):
     # create(num_classes, pretrained, **options) -> network with its head
     create: Optional[Callable[..., nn.Module]] = None
+    fixed_resolution: Optional[int] = None  # the only input size the architecture takes (ViT: position embeddings)
+    # FLOPs per multiply-add in the paper's tables for this model: 1 for the CNNs (Tables 1-2), 2 for Swin-T's Table 2
+    # rows (their vanilla 2/4-layer TFLOPs, 0.11/0.23 at batch 128, are twice our forward + weight-gradient MACs,
+    # 0.059/0.118 T). Scales ``paper_gflops`` only; every other *_gflops figure counts 1 multiply-add = 1 FLOP.
+    paper_flops_per_mac: int = 1
+
+
+def _swin(**kw) -> Callable[[], nn.Module]:
+    def build():
+        from torchvision.models.swin_transformer import SwinTransformer
+        return SwinTransformer(**kw)
+    return build
+
+
+def _vit(**kw) -> Callable[[], nn.Module]:
+    def build():
+        from torchvision.models.vision_transformer import VisionTransformer
+        return VisionTransformer(**kw)
+    return build
 
 
 def _tv(fn_name: str) -> Callable[[], nn.Module]:
@@ -155,6 +174,21 @@ MODELS: dict[str, ModelSpec] = {
     "resnet34": ModelSpec(_tv("resnet34"), "fc",
                           "https://download.pytorch.org/models/resnet34-b627a593.pth",
                           "resnet34-b627a593.pth", 224),
+    # Vision transformers (torchvision architectures and IMAGENET1K_V1 weights). "#Layers" counts, from the end, the
+    # nn.Linear layers whose name contains "mlp" (the authors' selection): Swin's features.<stage>.<block>.mlp.0/.3
+    # and ViT's encoder.layers.encoder_layer_<i>.mlp.0/.3; Swin feeds them (B, H, W, C), ViT (B, T, D).
+    "swin_t": ModelSpec(_tv("swin_t"), "head", "https://download.pytorch.org/models/swin_t-704ceda3.pth",
+                        "swin_t-704ceda3.pth", 224, layer_type="linear", include="mlp", paper_flops_per_mac=2),
+    "vit_b_32": ModelSpec(_tv("vit_b_32"), "heads.head", "https://download.pytorch.org/models/vit_b_32-d86f8d99.pth",
+                          "vit_b_32-d86f8d99.pth", 224, layer_type="linear", include="mlp", fixed_resolution=224),
+    # Test-only miniatures (random weights only, no published file): the same torchvision classes and module names
+    # at a few hundred kFLOPs, so tests and the CPU demo can fit transformers in seconds at resolution 32.
+    "swin_tiny_test": ModelSpec(_swin(patch_size=[4, 4], embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
+                                      window_size=[4, 4], stochastic_depth_prob=0.2), "head", "", "", 32,
+                                layer_type="linear", include="mlp"),
+    "vit_tiny_test": ModelSpec(_vit(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                    mlp_dim=64), "heads.head", "", "", 32, layer_type="linear", include="mlp",
+                               fixed_resolution=32),
 }
 
 
@@ -218,6 +252,9 @@ def load_imagenet_weights(name: str, model: nn.Module) -> Path:
     If both fail, raise ``FileNotFoundError`` naming the file to put where.
     """
     spec = get_spec(name)
+    if not spec.weights_url:
+        raise ValueError(f"model {name!r} has no published ImageNet weights (a test-only miniature); "
+                         f"pass --model.pretrained false")
     path = imagenet_weights_path(name)
     if not path.is_file():
         try:

@@ -19,6 +19,8 @@ import asi_core
 
 __all__ = ["run_benchmark", "time_weight_gradients"]
 
+VARIANTS = ("", "checkpointing", "recompute")  # --benchmark.methods entries: METHOD or METHOD+VARIANT
+
 
 def _sync(device: torch.device):
     if device.type == "cuda":
@@ -82,7 +84,11 @@ def run_benchmark(build: Callable[[str], nn.Module], methods: Sequence[str], bat
         result["ratios_to_vanilla"] = {m: {k: t[f"{k}_s"] / v[f"{k}_s"] for k in ("forward", "backward", "step")}
                                        for m, t in medians.items()}
         result["speedup_vs_vanilla"] = {m: v["step_s"] / t["step_s"] for m, t in medians.items()}
+    if "vanilla+checkpointing" in medians:  # the baseline users pick for memory: who beats it, by how much
+        c = medians["vanilla+checkpointing"]
+        result["speedup_vs_checkpointing"] = {m: c["step_s"] / t["step_s"] for m, t in medians.items()}
     if per_layer:
+        nets = {m: n for m, n in nets.items() if "+" not in m}  # the weight gradients do not depend on the variant
         result["per_layer"] = time_weight_gradients(nets, x, y, loss_fn, steps=steps, device=device)
     return result
 
@@ -157,16 +163,20 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
     from .backbones import get_spec
     from .model import MODEL_METHODS, ClassificationModel
 
-    unknown = [m for m in methods if m not in MODEL_METHODS]
+    unknown = [m for m in methods if m.partition("+")[0] not in MODEL_METHODS or m.partition("+")[2] not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown} in --benchmark.methods; valid: {list(MODEL_METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown} in --benchmark.methods; valid: {list(MODEL_METHODS)}, each "
+                         f"optionally with +checkpointing or +recompute (e.g. vanilla+checkpointing)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     args = {k: v for k, v in model_args.items() if k != "method"}
     args.update(pretrained=False, checkpoint=None)
 
-    def build(method):
-        module = ClassificationModel(method=method, **args)
+    def build(name):
+        method, _, variant = name.partition("+")  # "asi", "vanilla+checkpointing", "asi+recompute"
+        flags = {"checkpointing": variant == "checkpointing" or (not variant and bool(args.get("checkpointing"))),
+                 "recompute": variant == "recompute" or (not variant and bool(args.get("recompute")))}
+        module = ClassificationModel(method=method, **{**args, **flags})
         module.train()  # set_bn_eval is applied by ClassificationModel.train
         return module.net
 

@@ -185,6 +185,10 @@ class ResourceAccounting(pl.Callback):
         if res is None:
             return
         res["epoch"] = trainer.current_epoch
+        factor = getattr(pl_module, "paper_flops_per_mac", 1)  # the paper's FLOPs convention for this model
+        if factor != 1:
+            res.update({k: res[k] * factor for k in ("paper_gflops", "paper_gflops_peak") if k in res},
+                       paper_flops_per_mac=factor)
         scalars = {f"resources/{k}": v for k, v in res.items()
                    if isinstance(v, (int, float)) and k not in ("epoch", "batches", "batch_size", "num_layers")}
         scalars.update({f"resources/timing/{k}": v for k, v in res["timing"].items()

@@ -524,7 +524,8 @@ class ASICLI(LightningCLI):
         (default 2 here: rank 2 on every mode of every layer), hosvd --model.eps, gradfilter --model.radius.
 
         Args:
-            methods: Comma-separated (or a list) subset of vanilla,gradfilter,hosvd,asi.
+            methods: Comma-separated (or a list) subset of vanilla,gradfilter,hosvd,asi; each may carry
+                +checkpointing or +recompute (e.g. vanilla,vanilla+checkpointing,asi) to time that variant beside it.
             steps: Timed steps per method (medians are reported).
             warmup: Untimed steps per method first.
             per_layer: Also time each fine-tuned layer's weight-gradient computation alone.

@@ -271,6 +271,8 @@ class ClassificationModel(pl.LightningModule):
         radius: int = 2,
         warm_start: bool = True,
         lean: Optional[bool] = None,
+        checkpointing: bool = False,
+        recompute: bool = False,
         set_bn_eval: bool = True,
         optimizer: Literal["sgd", "adam"] = "sgd",
         lr: float = 0.05,
@@ -295,11 +297,12 @@ class ClassificationModel(pl.LightningModule):
         """Classifier fine-tuned with activation compression.
 
         Args:
-            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18, resnet34; LLMs
-                (classification/llm.py): tinyllama (TinyLlama-1.1B-Chat-v1.0), llama_tiny (a tiny random-init LLaMA)
-                or hf (any LLaMA-family model given by --model.name_or_path); segmentation (paper Table 3,
-                segmentation/models.py): pspnet_r18, deeplabv3_r18, fcn_r18, upernet_r18, pspnet_mv2, deeplabv3_mv2
-                (start them from --model.checkpoint or with --model.pretrained false).
+            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18, resnet34, swin_t or vit_b_32
+                (swin_tiny_test and vit_tiny_test: random-weight miniatures for tests); LLMs (classification/llm.py):
+                tinyllama (TinyLlama-1.1B-Chat-v1.0), llama_tiny (a tiny random-init LLaMA) or hf (any LLaMA-family
+                model given by --model.name_or_path); segmentation (paper Table 3, segmentation/models.py):
+                pspnet_r18, deeplabv3_r18, fcn_r18, upernet_r18, pspnet_mv2, deeplabv3_mv2 (start them from
+                --model.checkpoint or with --model.pretrained false).
             num_classes: Classes of the head; linked from --data.name, not set by hand.
             pretrained: Start from the published ImageNet weights (setup A). If they can be neither found
                 under ckpts/imagenet/ nor downloaded, the run stops and names the file to provide.
@@ -334,6 +337,13 @@ class ClassificationModel(pl.LightningModule):
             radius: gradfilter: patch radius R >= 1 of gradient filtering.
             warm_start: asi: start each step's subspace iteration from the previous step's factors.
             lean: Memory-lean backward for frozen BN and ReLU in the fine-tuned region; None = asi_core's default.
+            checkpointing: Activation checkpointing of the fine-tuned region (the baseline users pick instead of
+                compression; any method, CNNs too): each block of the region keeps only its input and is recomputed
+                in backward (asi_core.recompute, mode "checkpointing"). Exact gradients, one more forward per block.
+            recompute: Recompute in backward the parts of the fine-tuned region that hold no patched layer (a
+                transformer block's attention, ...) instead of storing their activations, while the patched layers
+                keep their compressed activations from the forward (asi_core.recompute, mode "recompute"). Exact.
+                Not together with checkpointing.
             set_bn_eval: Keep every BatchNorm in eval mode and its affine parameters frozen (paper behaviour).
             optimizer: "sgd" (paper) or "adam".
             lr: Peak learning rate (paper: 0.05 downstream sets, 0.005 ImageNet setup B).
@@ -373,6 +383,16 @@ class ClassificationModel(pl.LightningModule):
             rank_zero_warn(msg)
         self.nonfinite_steps = 0  # training steps whose loss was NaN/inf (metrics.json, "diverged")
         spec = get_spec(backbone)
+        if checkpointing and recompute:
+            raise ValueError("--model.checkpointing and --model.recompute both recompute the fine-tuned region; "
+                             "choose one (checkpointing: whole blocks, patched layers included; recompute: only "
+                             "the parts without a patched layer)")
+        if spec.fixed_resolution is not None and input_shape is not None and \
+                tuple(input_shape[-2:]) != (spec.fixed_resolution,) * 2:
+            raise ValueError(f"{backbone} takes {spec.fixed_resolution}x{spec.fixed_resolution} inputs only (its "
+                             f"position embeddings), got --data.resolution {input_shape[-1]}; pass "
+                             f"--data.resolution {spec.fixed_resolution}")
+        self.paper_flops_per_mac = spec.paper_flops_per_mac  # scales paper_gflops (resources, metrics.json)
         self.layer_type = layer_type or spec.layer_type
         self.include = include if include is not None else spec.include
         self.task = spec.task
@@ -456,6 +476,11 @@ class ClassificationModel(pl.LightningModule):
         if authors is not None:  # the authors' freeze_layers: some layers train uncompressed (e.g. conv_seg)
             apply_freeze_rules(self.net, authors["freeze"])
             rule_trainable = {n for n, p in self.net.named_parameters() if p.requires_grad}
+        self.recomputed: list[str] = []
+        if checkpointing or recompute:
+            from asi_core import recompute as recompute_lib
+            self.recomputed = recompute_lib.enable(self.net, self.patched,
+                                                   "checkpointing" if checkpointing else "recompute")
         if set_bn_eval:
             for m in self.net.modules():
                 if isinstance(m, _BN):
@@ -510,6 +535,12 @@ class ClassificationModel(pl.LightningModule):
     # restores it after validation), so the BN modes are also (re)applied where training starts.
     def on_train_start(self):
         self.train(self.training)
+        what = f"{self.layer_type} layers" + (f" matching include={self.include!r}" if self.include is not None else "")
+        rank_zero_info(f"{self.hparams.backbone}: {self.hparams.method} on the last {len(self.patched)} {what}: "
+                       f"{', '.join(self.patched)}"
+                       + (f"; {'checkpointing' if self.hparams.checkpointing else 'recompute'} of "
+                          f"{', '.join(self.recomputed) or 'nothing'}" if self.recomputed or self.hparams.checkpointing
+                          or self.hparams.recompute else ""))
 
     def on_train_epoch_start(self):
         self.train(self.training)

@@ -135,6 +135,9 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     label, variant = _label(str(method), args)
     if args["lora"] and method != "lora":  # LoRA adapters whose lora_A inputs the method compresses
         label, variant = f"LoRA r{args['lora_rank']} + {label}", (1, *variant)
+    for option in ("checkpointing", "recompute"):  # the recomputation variants: rows of their own beside the method
+        if setting(option, sources=(model_args, settings)) is True:
+            label, variant = f"{label} + {option}", (*variant, option)
 
     res = data.get("resources") if isinstance(data.get("resources"), dict) else {}
     peak = method == "hosvd"  # Sec. 4.1: HOSVD's resources vary during training; the paper reports the peak

@@ -33,6 +33,7 @@ from torch import nn
 import asi_core
 from asi_core import accounting
 from asi_core.lean import SavedTensorMeter
+from asi_core.recompute import RecomputeMeter
 
 __all__ = ["ActivationMeter", "layer_reports", "totals", "resource_summary", "profile_step", "profile_report",
            "MASK_DTYPES"]
@@ -78,8 +79,8 @@ class ActivationMeter:
         if not self.started:
             self._meter.__enter__()
             self.running = self.started = True
-        if args and isinstance(args[0], torch.Tensor):
-            self.input_requires_grad[name] = bool(args[0].requires_grad)
+        if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():  # (not inside a checkpointed
+            self.input_requires_grad[name] = bool(args[0].requires_grad)           # forward, which runs no graph)
         if self.running:
             self._marks[name] = len(self._meter.records)
 
@@ -176,11 +177,14 @@ def profile_step(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = 
     model.train()
     with ActivationMeter(net, exclude=[model]) as meter:
         loss = loss_fn(model(x), y)
-    loss.backward()
+    with RecomputeMeter(exclude=[model]) as recomputed:  # what a recomputed segment holds while its backward runs
+        loss.backward()
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return resource_summary(net, meter)
+    out = resource_summary(net, meter)
+    out["measured_recompute_peak_mib"] = recomputed.peak_bytes / MIB if recomputed.segments else None
+    return out
 
 
 def profile_report(model: nn.Module, batch_size: int, resolution: int, device: str = "auto",
@@ -215,15 +219,20 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     shape = {"max_length": max_length or resolution} if text else {"resolution": resolution}
     out = {"model": hp.backbone, "method": hp.method, "num_finetune": hp.num_finetune,
            "batch_size": batch_size, **shape, **options.get(hp.method, {}),
-           "lean": hp.method != "vanilla" if hp.lean is None else bool(hp.lean), "device": str(device)}
+           "lean": hp.method != "vanilla" if hp.lean is None else bool(hp.lean), "device": str(device),
+           "checkpointing": bool(hp.get("checkpointing")), "recompute": bool(hp.get("recompute")),
+           "recomputed_segments": list(getattr(model, "recomputed", []))}
     if getattr(hp, "train_bn_affine", False):
         out["train_bn_affine"] = True
     if text:
         out.update(lora=bool(hp.get("lora")) or hp.method == "lora", shape_only=fake_mode is not None)
     keys = ("activation_mib", "measured_activation_mib", "measured_layers_mib", "measured_mask_mib",
             "forward_gflops", "backward_gflops", "overhead_gflops", "core_gflops", "input_grad_gflops",
-            "train_gflops", "paper_gflops", "total_gflops")
+            "train_gflops", "paper_gflops", "total_gflops", "measured_recompute_peak_mib")
     out.update({k: res[k] for k in keys})
+    factor = getattr(model, "paper_flops_per_mac", 1)  # the paper's convention for this model (backbones.ModelSpec)
+    if factor != 1:
+        out.update(paper_gflops=out["paper_gflops"] * factor, paper_flops_per_mac=factor)
     out["analytic_plus_mask_mib"] = res["activation_mib"] + res["measured_mask_mib"]
     layer_keys = ("name", "input_shape", "output_shape", "ranks", "memory_mib", "measured_mib", "forward_flops",
                   "backward_flops", "overhead_flops", "core_flops", "input_grad_flops", "paper_forward_flops",

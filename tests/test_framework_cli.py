@@ -37,8 +37,9 @@ def compose(cfg: str) -> list[str]:
         return ["--config", "configs/models/llama_tiny.yaml", *llm_data] + (["--config", cfg] if kind == "methods" else [])
     if kind == "recipes":
         return ["--config", cfg] + BASE
-    if kind == "models":
-        return ["--config", cfg, "--config", "configs/data/digits.yaml"]
+    if kind == "models":  # ViT takes its one input size only (digits.yaml sets 32)
+        fixed = ["--data.resolution", "224"] if "vit_" in cfg else []
+        return ["--config", cfg, "--config", "configs/data/digits.yaml", *fixed]
     if kind == "data":  # real datasets are not loaded at instantiation; no ImageNet weights offline
         return ["--config", "configs/models/mcunet.yaml", "--config", cfg, "--model.pretrained", "false"]
     return BASE + ["--config", cfg]
@@ -78,8 +79,9 @@ def test_shipped_config_parses_and_instantiates(cfg, tmp_path, ckpts, monkeypatc
         assert cli.model.patched == ["decode_head.bottleneck.conv"] or cli.model.hparams.backbone != "pspnet_mv2"
         return
     net = cli.model.net
+    res = cli.config.data.resolution
     with torch.no_grad(), getattr(net, "fake_mode", None) or contextlib.nullcontext():
-        x = net.random_input(1, 8) if getattr(net, "is_language_model", False) else torch.zeros(1, 3, 32, 32)
+        x = net.random_input(1, 8) if getattr(net, "is_language_model", False) else torch.zeros(1, 3, res, res)
         assert cli.model.eval()(x).shape == (1, cli.model.hparams.num_classes)
     assert len(cli.model.patched) in (cli.model.hparams.num_finetune, 42)  # 42: num_finetune "all" on MCUNet
 

@@ -223,7 +223,8 @@ def test_profile_shape_only_matches_a_real_step(run_cli, capsys):
     keys = {"model", "method", "num_finetune", "batch_size", "max_length", "ranks", "lean", "device", "lora",
             "shape_only", "activation_mib", "measured_activation_mib", "measured_layers_mib", "measured_mask_mib",
             "forward_gflops", "backward_gflops", "overhead_gflops", "core_gflops", "input_grad_gflops",
-            "train_gflops", "paper_gflops", "total_gflops", "analytic_plus_mask_mib", "layers"}
+            "train_gflops", "paper_gflops", "total_gflops", "analytic_plus_mask_mib", "layers",
+            "checkpointing", "recompute", "recomputed_segments", "measured_recompute_peak_mib"}
     assert set(fake) == keys
     for k in keys - {"shape_only", "layers"}:
         assert fake[k] == real[k], k

@@ -13,14 +13,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 SWEEPS = ["asi_setupA", "asi_setupB", "baselines", "latency", "paper", "perplexity", "pretrain_setupB", "warm_start",
-          "table4", "table4_profile", "segmentation"]
+          "table4", "table4_profile", "swin_setupA", "segmentation"]
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
 def sh(script: str, *args, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items()
             if k not in ("DRY_RUN", "KEEP_GOING", "DATA_ROOT", "RUN_ROOT", "MODELS", "DATASETS", "SETUPS", "LAYERS",
-                         "DEPTHS", "RANKS", "BUDGET", "ASI_CKPT_DIR")}
+                         "DEPTHS", "RANKS", "BUDGET", "ASI_CKPT_DIR", "TRANSFORMERS", "CHECKPOINTING")}
     return subprocess.run(["bash", str(SCRIPTS / f"{script}.sh"), *map(str, args)], env={**base, **(env or {})},
                           cwd=cwd or REPO, capture_output=True, text=True, timeout=60)
 
@@ -66,6 +66,13 @@ DRY = {
                     "--benchmark.methods vanilla,gradfilter_paper,hosvd,asi | tail -n 1 > {runs}/latency/4.json"]),
     "pretrain_setupB": (4, ["main.py fit --config configs/recipes/setupB_pretrain.yaml --config "
                             "configs/models/resnet34.yaml --config configs/data/imagenet.yaml", "--exp_name pretrain"]),
+    "swin_setupA": (36, ["main.py measure --config configs/recipes/setupA.yaml --config configs/models/swin_t.yaml "
+                         "--config configs/data/imagenet.yaml", "--config configs/models/swin_t.yaml --config "
+                         "configs/data/pets.yaml", "--exp_name lall --model.method vanilla --model.num_finetune all",
+                         "--exp_name l4_eps0.8 --model.method hosvd --model.num_finetune 4 --model.eps 0.8",
+                         "--exp_name l2_budgethosvd@0.8 --model.method asi --model.num_finetune 2 "
+                         "--model.perplexity_file {runs}/setupA/swin_t/imagenet/measure/paper/perplexity.json "
+                         "--model.budget hosvd@0.8"]),
 }
 DRY["paper"] = (sum(n for n, _ in DRY.values()) + 1, ["python main.py report {runs} --out {runs}/report.md"])
 DRY["table4"] = (11, ["main.py fit --config configs/recipes/setupA.yaml --config configs/models/tinyllama.yaml "
