@@ -214,8 +214,10 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
             model.to(device)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
         res = profile_step(model, x, y, optimizer=optimizer)
-    options = {"asi": {"ranks": hp.ranks}, "hosvd": {"eps": hp.eps}, "gradfilter": {"radius": hp.radius},
-               "gradfilter_paper": {"radius": hp.radius}}
+    radii = [getattr(layer.method, "radius", None) for _, layer in asi_core.patched_layers(net)]
+    radius = radii if len(set(radii)) > 1 else hp.radius  # per-layer radii: the segmentation layer sets (Table 3)
+    options = {"asi": {"ranks": hp.ranks}, "hosvd": {"eps": hp.eps}, "gradfilter": {"radius": radius},
+               "gradfilter_paper": {"radius": radius}}
     shape = {"max_length": max_length or resolution} if text else {"resolution": resolution}
     out = {"model": hp.backbone, "method": hp.method, "num_finetune": hp.num_finetune,
            "batch_size": batch_size, **shape, **options.get(hp.method, {}),
