@@ -264,8 +264,8 @@ class ASICLI(LightningCLI):
             # the result (model, data, seed), so two runs with different settings never share a directory
             tag = settings_hash(run_settings(m.as_dict(), d.as_dict(), cfg.get("seed_everything")))
             exp = cfg.exp_name or (("pretrain" if d.setup == "B" and d.half == 1 else
-                                    default_exp_name(m.method, m.num_finetune, ranks, m.eps, m.radius, m.budget,
-                                                     m.warm_start)) + f"_{tag}")
+                                    default_exp_name(m.method, m.num_finetune, ranks, m.eps, self._radius_name(m),
+                                                     m.budget, m.warm_start)) + f"_{tag}")
             kind = m.method
             if self.subcommand == "measure":
                 kind, exp = "measure", cfg.exp_name or measure_exp_name(cfg.measure.num_finetune, d.batch_size,
@@ -453,6 +453,13 @@ class ASICLI(LightningCLI):
                       f"its fit (or its --exp_name), or --ckpt_path", file=sys.stderr)
         elif cfg.ckpt_path not in ("best", "last"):
             self._check_checkpoint_settings(cfg, Path(cfg.ckpt_path), "--ckpt_path", data_too=False)
+
+    @staticmethod
+    def _radius_name(m) -> Union[int, str]:
+        """``authors`` where the segmentation layer sets give the gradient filter its per-layer radii."""
+        from segmentation.layer_sets import layer_set
+
+        return "authors" if m.get("layers") is None and layer_set(m.backbone, m.num_finetune) else m.radius
 
     def after_instantiate_classes(self) -> None:
         self.datamodule.run_dir = self.run_dir
