@@ -191,6 +191,8 @@ def check_layer_names(net: nn.Module, names: List[str], layer_type: str = "conv"
                              f"{near or candidates[-5:]}")
     order = {n: i for i, n in enumerate(candidates)}
     return sorted(set(names), key=order.__getitem__)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -319,7 +321,7 @@ class ClassificationModel(pl.LightningModule):
             layers: Train exactly these layers (qualified names of --model.layer_type layers) instead of the last
                 --model.num_finetune; everything registered before the first of them is frozen. For the segmentation
                 networks, --model.num_finetune 5 or 10 selects the authors' explicit lists (segmentation/layer_sets.py)
-                with their freeze rules and, for gradfilter, their per-layer radii.
+                with their freeze rules and, for the gradient filters, their per-layer radii.
             include: Only layers whose qualified name matches: a regex searched in the name ("mlp") or a glob
                 ("*.mlp.*"), or a list of them. Default: the backbone's ("mlp" for the transformers, as the paper
                 counts their #Layers; none for the CNNs).
