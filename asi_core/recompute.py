@@ -128,15 +128,24 @@ def _recomputed_forward(module: nn.Module, *args, **kwargs):
     forward = type(module).forward.__get__(module)
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
+    # Tensor keyword arguments (Hugging Face blocks take ``hidden_states=...``) are inputs of the Function like the
+    # positional ones: saved once, and their gradient flows back; the other keywords are passed as they are.
+    keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    static = {k: v for k, v in kwargs.items() if k not in keys}
+    inputs = (*args, *(kwargs[k] for k in keys))
     trainable = any(p.requires_grad for p in module.parameters())
-    if not trainable and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    if not trainable and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
         return forward(*args, **kwargs)  # nothing to differentiate: no graph either way
-    run = partial(forward, **kwargs) if kwargs else forward
+    n_args = len(args)
+
+    def run(*values):
+        return forward(*values[:n_args], **static, **dict(zip(keys, values[n_args:])))
+
     # A fresh leaf that requires grad makes the output require grad when no input does (the first segment: its
     # input comes from the frozen part). The parameters are not inputs of the Function: the inner backward
     # accumulates their gradients once, so DDP's hooks fire once per parameter.
     anchor = torch.empty(0, requires_grad=True) if trainable else None
-    return _Recompute.apply(run, len(args), *args, *([anchor] if anchor is not None else []))
+    return _Recompute.apply(run, len(inputs), *inputs, *([anchor] if anchor is not None else []))
 
 
 def _contains(module: nn.Module, targets: set) -> bool:

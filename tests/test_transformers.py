@@ -206,3 +206,30 @@ def test_benchmark_variants_are_checked():
 
     with pytest.raises(ValueError, match=r"\+checkpointing or \+recompute"):
         benchmark_models({"backbone": "swin_tiny_test"}, ["vanilla+offload"], 2, 32, progress=False)
+
+
+@pytest.mark.parametrize("mode,layers", [("checkpointing", 5), ("recompute", 5)])
+def test_recompute_is_exact_on_a_tiny_llama_whose_blocks_take_keyword_tensors(mode, layers):
+    """Hugging Face blocks get ``hidden_states=`` as a keyword: it must be a Function input (saved once, gradient
+    flowing back through the recomputed attention), not a constant captured in the closure."""
+    from classification.llm import create_llm
+
+    torch.manual_seed(0)
+    base = create_llm("llama_tiny", num_classes=3, pretrained=False).double()
+    ids = torch.randint(3, 20, (2, 7))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    y = torch.tensor([0, 2])
+    ref, net = copy.deepcopy(base), copy.deepcopy(base)
+    patched = asi_core.patch(ref, "vanilla", layers, layer_type="linear", include="mlp")
+    asi_core.patch(net, "vanilla", layers, layer_type="linear", include="mlp")
+    segments = rc.enable(net, patched, mode)
+    assert any("self_attn" in s or s.endswith(tuple("0123456789")) for s in segments), segments
+    grads = []
+    for model in (ref, net):
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-9, atol=1e-12, msg=k)
