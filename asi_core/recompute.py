@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["MODES", "enable", "disable", "segments", "recomputed_segments", "RecomputeMeter"]
+__all__ = ["MODES", "enable", "disable", "segments", "recomputed_segments", "recompute", "RecomputeMeter"]
 
 MODES = ("checkpointing", "recompute")
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
@@ -122,6 +122,15 @@ class _Recompute(torch.autograd.Function):
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         input_grads = [a.grad if n else None for a, n in zip(inputs, ctx.needs)]
         return (None, None, *input_grads, *([None] * ctx.n_extra))
+
+
+def recompute(fn: Callable, *inputs):
+    """``fn(*inputs)``, keeping only ``inputs`` for backward and running ``fn`` again there (same kernels, same
+    values, the forward's random state): what a cheap but memory-hungry tail of a network (an upsampled loss)
+    is worth recomputing. Without grad, or when no input needs a gradient, it is ``fn(*inputs)`` itself."""
+    if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
+        return fn(*inputs)
+    return _Recompute.apply(fn, len(inputs), *inputs)
 
 
 def _recomputed_forward(module: nn.Module, *args, **kwargs):

@@ -34,7 +34,8 @@ def _median(xs):
 def run_benchmark(build: Callable[[str], nn.Module], methods: Sequence[str], batch_size: int, resolution: int,
                   num_classes: int = 10, steps: int = 5, warmup: int = 1, per_layer: bool = False,
                   device: str | torch.device = "cpu", seed: int = 0,
-                  progress: Optional[Callable[[str], None]] = None, pixel_targets: bool = False) -> dict:
+                  progress: Optional[Callable[[str], None]] = None, pixel_targets: bool = False,
+                  loss_fn: Optional[Callable] = None) -> dict:
     """``build(method) -> nn.Module`` gives a patched network in training mode (BatchNorm handled
     by the caller). Returns {"methods": {name: {"forward_s", "backward_s", "optimizer_s", "step_s"}},
     "ratios_to_vanilla": {name: {"forward", "backward", "step"}} (time ratios; < 1 is faster),
@@ -54,7 +55,7 @@ def run_benchmark(build: Callable[[str], nn.Module], methods: Sequence[str], bat
         x = torch.randn(batch_size, 3, resolution, resolution, device=device)
     y_shape = (batch_size, resolution, resolution) if pixel_targets else (batch_size,)  # segmentation: label maps
     y = torch.randint(0, num_classes, y_shape, device=device)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
     times = {m: {"forward_s": [], "backward_s": [], "optimizer_s": [], "step_s": []} for m in methods}
     for it in range(warmup + steps):
         for m in methods:  # interleaved: every method sees the same machine state on average
@@ -178,12 +179,16 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
                  "recompute": variant == "recompute" or (not variant and bool(args.get("recompute")))}
         module = ClassificationModel(method=method, **{**args, **flags})
         module.train()  # set_bn_eval is applied by ClassificationModel.train
+        criterion.setdefault("fn", module.criterion)  # the model's own loss (segmentation: mmseg's pixel loss)
         return module.net
+
+    criterion: dict = {}
 
     say = (lambda msg: print(f"[benchmark] {msg}", flush=True)) if progress else None
     result = run_benchmark(build, list(methods), batch_size, resolution, num_classes=args.get("num_classes", 10),
                            steps=steps, warmup=warmup, per_layer=per_layer, device=device, progress=say,
-                           pixel_targets=get_spec(args["backbone"]).task == "segmentation")
+                           pixel_targets=get_spec(args["backbone"]).task == "segmentation",
+                           loss_fn=lambda out, y: criterion["fn"](out, y))
     config = {"model": args.get("backbone"), "num_finetune": args.get("num_finetune"), "batch_size": batch_size,
               "resolution": resolution, "steps": steps, "warmup": warmup, "device": str(device),
               "threads": torch.get_num_threads(), "torch": torch.__version__,

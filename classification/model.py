@@ -507,7 +507,7 @@ class ClassificationModel(pl.LightningModule):
             from segmentation.loss import PixelCrossEntropy
             from segmentation.metrics import SegmentationScores
 
-            self.criterion = PixelCrossEntropy()
+            self.criterion = PixelCrossEntropy(num_classes=num_classes)
             self.train_acc = None
             self.val_acc, self.test_acc = SegmentationScores(num_classes), SegmentationScores(num_classes)
             self.monitor = "val/miou"

@@ -247,7 +247,11 @@ class UPerHead(DecodeHead):
 
 
 class EncoderDecoder(nn.Module):
-    """mmseg EncoderDecoder (no auxiliary head): backbone -> decode_head -> logits resized to the input size."""
+    """mmseg EncoderDecoder (no auxiliary head): backbone -> decode_head -> logits resized to the input size.
+
+    While a training graph is recorded the decoder's logits are returned at their own (1/8) resolution, as mmseg's
+    ``forward_train`` hands them to its loss, which resizes them to the label map: ``PixelCrossEntropy`` does that
+    resize inside its recomputed (lean) part, so the full-resolution logits are never kept for backward."""
 
     def __init__(self, backbone: nn.Module, decode_head: DecodeHead):
         super().__init__()
@@ -255,7 +259,10 @@ class EncoderDecoder(nn.Module):
         self.decode_head = decode_head
 
     def forward(self, img):
-        return resize(self.decode_head(self.backbone(img)), img.shape[2:])
+        logits = self.decode_head(self.backbone(img))
+        if self.training and torch.is_grad_enabled():
+            return logits
+        return resize(logits, img.shape[2:])
 
 
 # ----------------------------------------------------------------------------- builders

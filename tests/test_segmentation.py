@@ -230,6 +230,27 @@ def test_pixel_cross_entropy_averages_over_all_pixels_like_mmseg():
     torch.testing.assert_close(PixelCrossEntropy()(logits, y), expected)
 
 
+def test_lean_pixel_loss_equals_the_plain_loss_and_keeps_only_low_res_logits_and_uint8_labels():
+    """The lean loss recomputes the upsampling and log-softmax in backward: loss and gradient bit for bit those of
+    the plain loss; what autograd keeps is the low-resolution logits and one byte per label."""
+    from asi_core.lean import SavedTensorMeter
+
+    g = torch.Generator().manual_seed(2)
+    low = torch.randn(2, 5, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (2, 32, 32), generator=g)
+    y[:, :3] = 255
+    out = {}
+    for lean in (False, True):
+        x = low.clone().requires_grad_()
+        with SavedTensorMeter() as meter:
+            loss = PixelCrossEntropy(num_classes=5, lean=lean)(x, y)
+        loss.backward()
+        out[lean] = (loss.detach(), x.grad, meter.bytes)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert out[True][2] == low.numel() * 8 + y.numel()  # float64 logits + uint8 labels
+    assert out[False][2] >= 2 * 5 * 32 * 32 * 8  # the full-resolution log-softmax
+
+
 # ----------------------------------------------------------------------------- CLI: fit, bad input
 TINY_SEG = ["--config", "configs/recipes/segmentation.yaml", "--config", "configs/segmentation/pspnet_mv2.yaml",
             "--config", "configs/data/digit_scenes.yaml", "--data.resolution", "32", "--trainer.max_steps", "3",
