@@ -164,6 +164,11 @@ def test_freeze_rules_and_radii_follow_the_authors():
     assert p5.net.decode_head.psp_modules[0][1].conv.weight.requires_grad  # registered before the first patched
     assert not any(p.requires_grad for p in p5.net.backbone.parameters())  # layer, yet trained, as the authors
     assert all(len(AUTHORS_LAYER_SETS[n]) == 2 for n in MODELS)
+    # the authors' install order (forward, head last): their ASI picks a 5L set's ranks as the last N layers of the
+    # 10L perplexity file, which holds only when every 5L list is the tail of the 10L one
+    for n in MODELS:
+        five, ten = layer_set(n, 5)["layers"], layer_set(n, 10)["layers"]
+        assert ten[-len(five):] == five, n
     # the authors' BN: scale and shift train where their freeze rules leave the module trainable (PSPNet 5L: the head)
     b = ClassificationModel(backbone="pspnet_r18", num_classes=21, pretrained=False, method="gradfilter_paper",
                             num_finetune=5, train_bn_affine=True)
