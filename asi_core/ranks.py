@@ -584,8 +584,11 @@ def table_from_authors_pickle(path: str | os.PathLike, layer_names: Sequence[str
                               input_shape: Sequence[int] | None = None) -> dict:
     """A perplexity table (schema version 1) from the authors' ``perplexity.pkl`` (their utils/perplexity.py:
     ``set_of_epsilons``, and per conv layer of the whole model, in model order, per epsilon, ``perplexity``,
-    ``ranks`` and ``layer_mems``). Their file names no layers: ``layer_names`` (every conv of the model, in
-    registration order) names them, and must have as many entries. Memory is theirs as measured (MiB, a
+    ``ranks`` and ``layer_mems``). Their classification file names no layers: ``layer_names`` (every conv of the
+    model, in registration order) names them, and must have as many entries. Their segmentation file (its
+    tools/perplexity.py) holds only the layers of a ``filter_install`` list, in that order, and names them in its own
+    ``layer_names``: those names are used, each checked against ``layer_names`` (their bare ``conv`` entries are
+    named ``<path>.conv``, which is read as ``<path>``). Memory is theirs as measured (MiB, a
     full-rank mode counted as a full D x D factor), perplexity their one-batch measurement; the file holds no
     input shape, so ``input_shape`` (when given) is recorded unchecked."""
     path = os.fspath(path)
@@ -599,7 +602,20 @@ def table_from_authors_pickle(path: str | os.PathLike, layer_names: Sequence[str
     if not isinstance(data, dict) or any(k not in data for k in keys):
         raise ValueError(f"{path}: expected the authors' perplexity.pkl, a dict with keys {list(keys)}")
     names = list(layer_names)
-    if len(data["perplexity"]) != len(names):
+    stored = data.get("layer_names")
+    if stored:  # the segmentation file: its own names, in its filter_install order
+        if len(stored) != len(data["perplexity"]):
+            raise ValueError(f"{path}: names {len(stored)} layers but holds {len(data['perplexity'])}; the file is "
+                             f"damaged: measure it again")
+        known, own = set(names), []
+        for name in map(str, stored):
+            bare = name[:-len(".conv")] if name.endswith(".conv") else None  # their `conv`-type entries
+            if name not in known and bare not in known:
+                raise ValueError(f"{path}: names layer {name!r}, which is not a conv layer of this model; was it "
+                                 f"measured for another model?")
+            own.append(name if name in known else bare)
+        names = own
+    elif len(data["perplexity"]) != len(names):
         raise ValueError(f"{path}: holds {len(data['perplexity'])} layers but the model has {len(names)} conv layers; "
                          f"was it measured for another model?")
 

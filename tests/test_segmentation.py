@@ -178,6 +178,39 @@ def test_freeze_rules_and_radii_follow_the_authors():
         "decode_head.bottleneck.conv": 4}
 
 
+def test_authors_segmentation_perplexity_pickle_names_its_layers(tmp_path):
+    """Their segmentation perplexity.pkl (tools/perplexity.py) holds the 10L install list's convs, in that order,
+    with their names (a bare `conv` entry named `<path>.conv`); a 5L run takes the ranks of its last 5 layers
+    (train.py: `perplexity.layer_names[-N:]`, find_best_combination over those) -> same choice as a brute force."""
+    import itertools
+    import pickle
+
+    names = layer_set("fcn_r18", 10)["layers"]
+    theirs = [n + ".conv" if n.endswith("downsample.0") else n for n in names]
+    g = torch.Generator().manual_seed(0)
+    eps = [0.5, 0.8, 0.9]
+    data = {"layer_names": theirs, "set_of_epsilons": eps,
+            "perplexity": [[float(torch.rand((), generator=g)) * (1 - e) for e in eps] for _ in names],
+            "ranks": [[[1 + j, 2 + j, 1 + i % 3, 1] for j, _ in enumerate(eps)] for i, _ in enumerate(names)],
+            "layer_mems": [[float(torch.rand((), generator=g)) * (1 + j) for j, _ in enumerate(eps)] for _ in names]}
+    with open(tmp_path / "perplexity_combined.pkl", "wb") as f:
+        pickle.dump(data, f)
+    budget = 3.0
+    P, M = data["perplexity"][-5:], data["layer_mems"][-5:]
+    best = min((c for c in itertools.product(range(3), repeat=5) if sum(M[i][c[i]] for i in range(5)) <= budget),
+               key=lambda c: sum(P[i][c[i]] for i in range(5)))
+    m = ClassificationModel(backbone="fcn_r18", num_classes=21, pretrained=False, method="asi", num_finetune=5,
+                            perplexity_file=str(tmp_path / "perplexity_combined.pkl"), budget=budget)
+    chosen = {c["name"]: tuple(c["ranks"]) for c in m.rank_selection["layers"]}
+    assert chosen == {n: tuple(data["ranks"][5 + i][best[i]]) for i, n in enumerate(names[-5:])}
+    data["layer_names"] = theirs[:-1] + ["auxiliary_head.conv_seg"]
+    with open(tmp_path / "other.pkl", "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(ValueError, match="names layer .auxiliary_head.conv_seg., which is not a conv layer"):
+        ClassificationModel(backbone="fcn_r18", num_classes=21, pretrained=False, method="asi", num_finetune=5,
+                            perplexity_file=str(tmp_path / "other.pkl"), budget=budget)
+
+
 def test_layer_name_not_in_model_names_the_nearest():
     with pytest.raises(ValueError, match=r"decode_head\.bottleneck\.conv"):
         ClassificationModel(backbone="pspnet_r18", num_classes=21, pretrained=False, method="vanilla",
