@@ -10,6 +10,7 @@ annealing; L2 gradient clipping 2.0 is the Trainer's ``gradient_clip_val``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from pathlib import Path
@@ -57,10 +58,8 @@ def load_checkpoint_file(path: str | Path, what: str = "--model.checkpoint"):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
+    with contextlib.suppress(Exception):  # not plain tensors: try the full unpickler below
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        pass
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
