@@ -140,7 +140,10 @@ __all__ = [
     "core_flops", "layer_report", "report_from_layer", "summarize", "worked_example",
 ]
 
-METHODS = ("vanilla", "gradfilter", "hosvd", "asi", "gradfilter_paper")  # same names as asi_core.METHODS
+# The formulas below are kept per accounting kind; each registered method says which kind counts it
+# (``Method.accounting``: vanilla "input", gradfilter, gradfilter_paper, hosvd, asi), so a method registered with
+# ``@asi_core.register_method`` is accounted for without a line here naming it.
+KINDS = ("input", "gradfilter", "hosvd", "asi", "gradfilter_paper")
 GRADFILTERS = ("gradfilter", "gradfilter_paper")
 MIB = 2 ** 20
 GIGA = 1e9
@@ -326,11 +329,11 @@ def activation_elements(method: str, geometry: Geometry, ranks: RanksLike = None
                         radius: Optional[int] = None) -> int:
     """Elements a fine-tuned layer keeps for its weight gradient (vanilla: the input; gradfilter:
     C*P pooled positions; hosvd/asi: eq. 5)."""
-    method = _check_method(method)
+    kind = _check_method(method)
     dims = geometry.input_shape
-    if method == "vanilla":
+    if kind == "input":
         return math.prod(dims)
-    if method in GRADFILTERS:  # gradfilter_paper: B*C*P input-patch sums (same P)
+    if kind in GRADFILTERS:  # gradfilter_paper: B*C*P input-patch sums (same P)
         return _channels(geometry)[0] * gradfilter_positions(geometry, radius)
     return tucker_elements(dims, ranks)
 
@@ -408,10 +411,10 @@ def lowrank_linear_weight_grad_flops(geometry: LinearGeometry, ranks: RanksLike)
 def weight_grad_flops(method: str, geometry: Geometry, ranks: RanksLike = None,
                       radius: Optional[int] = None) -> int:
     """Weight-gradient MACs of one training step (bias gradient ignored)."""
-    method = _check_method(method)
-    if method == "vanilla":
+    kind = _check_method(method)
+    if kind == "input":
         return forward_flops(geometry)  # eq. 16 with groups: same MACs as the forward
-    if method in GRADFILTERS:
+    if kind in GRADFILTERS:
         _, c_out, c_group = _channels(geometry)
         return c_out * c_group * gradfilter_positions(geometry, radius)
     if isinstance(geometry, LinearGeometry):
@@ -425,15 +428,15 @@ def paper_weight_grad_flops(method: str, geometry: Geometry, ranks: RanksLike = 
     eq. 15 with all five terms; gradfilter and gradfilter_paper: the authors' code's count (see
     :func:`paper_gradfilter_flops`; the paper gives no formula). For Linear
     there is nothing to ignore: same as :func:`weight_grad_flops`."""
-    method = _check_method(method)
+    kind = _check_method(method)
     if isinstance(geometry, LinearGeometry):
         return weight_grad_flops(method, geometry, ranks, radius)
     B, C, H, W = geometry.input_shape
     _, Cp, Hp, Wp = geometry.output_shape
     k = geometry.kernel_area
-    if method == "vanilla":
+    if kind == "input":
         return k * C * Cp * B * Hp * Wp
-    if method in GRADFILTERS:
+    if kind in GRADFILTERS:
         return paper_gradfilter_flops(geometry, radius)["backward"]
     r1, r2, r3, r4 = clip_ranks(geometry.input_shape, ranks)
     return (r1 * B * Cp * Hp * Wp + r1 * r2 * r3 * r4 * H + r1 * r2 * r4 * H * W
@@ -519,22 +522,28 @@ def core_flops(dims: Sequence[int], ranks: RanksLike) -> int:
 def overhead_flops(method: str, geometry: Geometry, ranks: RanksLike = None,
                    radius: Optional[int] = None) -> int:
     """Compression overhead of the forward pass, the paper's formula (eq. 11 / eq. 14; core excluded)."""
-    method = _check_method(method)
-    if method == "vanilla":
+    kind = _check_method(method)
+    if kind == "input":
         return 0
-    if method == "gradfilter":
+    if kind == "gradfilter":
         return gradfilter_overhead_flops(geometry)
-    if method == "gradfilter_paper":
+    if kind == "gradfilter_paper":
         return gradfilter_paper_overhead_flops(geometry)
-    if method == "hosvd":
+    if kind == "hosvd":
         return hosvd_overhead_flops(geometry.input_shape)
     return asi_overhead_flops(geometry.input_shape, ranks)
 
 
 def _check_method(method: str) -> str:
+    """The accounting kind of a registered method (``Method.accounting``); ValueError for an unknown name."""
+    from .methods import METHODS
+
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    return method
+        raise ValueError(f"unknown method {method!r}; expected one of {tuple(METHODS)}")
+    kind = METHODS[method].accounting
+    if kind not in KINDS:
+        raise ValueError(f"method {method!r} declares accounting {kind!r}; the formulas here are for {KINDS}")
+    return kind
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,8 +561,8 @@ def layer_report(method: str, geometry: Geometry, ranks: RanksLike = None, eps: 
     gradfilter pooling), core_flops, input_grad_flops, paper_forward_flops (eq. 17 as written),
     paper_backward_flops (eq. 15/16 as written).
     """
-    method = _check_method(method)
-    if method in ("hosvd", "asi"):
+    kind = _check_method(method)
+    if kind in ("hosvd", "asi"):
         if ranks is None:
             raise ValueError(f"{method}: pass ranks= (for hosvd the ranks eps={eps} selected, e.g. "
                              f"wrapper.last_stats['ranks']); they cannot be derived from the geometry")
@@ -561,13 +570,13 @@ def layer_report(method: str, geometry: Geometry, ranks: RanksLike = None, eps: 
         core = core_flops(geometry.input_shape, ranks)
     else:
         ranks, core = None, 0
-    if method in GRADFILTERS:
+    if kind in GRADFILTERS:
         gradfilter_positions(geometry, radius)  # validates radius up front
     elements = activation_elements(method, geometry, ranks, radius)
     return {
         "method": method,
-        "eps": eps if method == "hosvd" else None,
-        "radius": radius if method in GRADFILTERS else None,
+        "eps": eps if kind == "hosvd" else None,
+        "radius": radius if kind in GRADFILTERS else None,
         "input_shape": tuple(geometry.input_shape),
         "output_shape": tuple(geometry.output_shape),
         "ranks": ranks,
@@ -578,11 +587,11 @@ def layer_report(method: str, geometry: Geometry, ranks: RanksLike = None, eps: 
         "overhead_flops": overhead_flops(method, geometry, ranks, radius),
         "core_flops": core,
         "input_grad_flops": (gradfilter_paper_input_grad_flops(geometry, radius, input_requires_grad)
-                             if method == "gradfilter_paper" else input_grad_flops(geometry, input_requires_grad)),
+                             if kind == "gradfilter_paper" else input_grad_flops(geometry, input_requires_grad)),
         "paper_forward_flops": paper_forward_flops(geometry),
         "paper_backward_flops": paper_weight_grad_flops(method, geometry, ranks, radius),
         "paper_overhead_flops": (paper_gradfilter_flops(geometry, radius)["overhead"]
-                                 if method in GRADFILTERS and isinstance(geometry, ConvGeometry)
+                                 if kind in GRADFILTERS and isinstance(geometry, ConvGeometry)
                                  else overhead_flops(method, geometry, ranks, radius)),
     }
 

@@ -11,24 +11,61 @@ gradient is formed. Two autograd Functions serve all methods and both layer type
 from __future__ import annotations
 
 import abc
+import copy
 import math
 import warnings
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from .decompose import clip_ranks, hosvd, subspace_iteration
 
-__all__ = ["METHODS", "Method", "register_method", "LowRankFn", "GradFilterFn", "PaperGradFilterFn"]
+__all__ = ["METHODS", "Method", "Option", "register_method", "get_method", "LowRankFn", "GradFilterFn",
+           "PaperGradFilterFn"]
 
 METHODS: dict[str, type["Method"]] = {}
 
 
 def register_method(cls):
+    """Class decorator: add a ``Method`` subclass to the registry under ``cls.name``. Everything that runs methods
+    (``patch``, the accounting, the framework's command line, profile, benchmark, report and run names) asks the
+    registry, so a registered method is usable everywhere at once. A name already taken is refused."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register_method decorates a subclass of asi_core.methods.Method, got {cls!r}")
+    if not cls.name or not isinstance(cls.name, str):
+        raise ValueError(f"{cls.__name__}: set the class attribute name (the method's registry key) before registering")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is already registered (by {METHODS[cls.name].__qualname__}); "
+                         f"choose another name for {cls.__qualname__}")
+    for option in cls.user_options:
+        if option not in cls.option_names:
+            raise ValueError(f"{cls.__qualname__}.user_options names {option!r}, which is not in its option_names "
+                             f"{cls.option_names}")
     METHODS[cls.name] = cls
     return cls
+
+
+def get_method(name: str) -> type["Method"]:
+    """The registered class of method ``name``; ValueError listing the valid names otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {list(METHODS)}")
+    return METHODS[name]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a user sets for a method (a keyword of ``patch``; ``--model.<name>`` on the framework's command
+    line): its default, a check of a value and what a valid value is (said in the error when the check fails)."""
+    default: Any
+    check: Callable[[Any], bool]
+    valid: str
 
 
 def _autocast_inputs(ctx, x, weight, bias):
@@ -94,11 +131,56 @@ class GradFilterFn(torch.autograd.Function):
 
 class Method(nn.Module, metaclass=abc.ABCMeta):
     """Base class. Subclasses set ``name``, ``option_names`` and (when not every layer type)
-    ``layer_types``, and implement ``train_forward``."""
+    ``layer_types``, and implement ``train_forward``.
+
+    What the rest of the code needs to know about a method lives here too, so that a method registered with
+    ``@register_method`` runs everywhere without code naming it:
+
+    - ``user_options``: the options a user sets (name -> ``Option``: default, check, what is valid), checked once
+      before any network exists (``check_user_options``);
+    - ``label``: its name in reports, and ``report_label(options)`` for a configuration of it;
+    - ``run_name(options)``: the token a run directory name carries after ``l<num_finetune>``;
+    - ``accounting``: which memory/FLOPs formulas of ``asi_core.accounting`` count it: "input" (keeps its whole
+      input, plain autograd's count), "gradfilter", "gradfilter_paper", "hosvd" (eq. 5, 11) or "asi" (eq. 5, 14);
+    - ``data_dependent``: its choices depend on the data (HOSVD_eps's ranks): no shape-only execution, and the
+      report shows its peak over training (Sec. 4.1);
+    - ``rank_selection``: its ranks can be chosen from a perplexity table under a memory budget (ASI, eq. 9);
+    - ``weight_grad_closure``: its weight-gradient computation alone, on what it keeps (the per-layer benchmark).
+    """
 
     name = ""
     option_names: tuple[str, ...] = ()
     layer_types: tuple[str, ...] = ("conv", "linear")  # the wrappers' ``layer_type`` this method is defined for
+    user_options: dict[str, Option] = {}
+    label = ""
+    report_order = 50  # where its rows sort in a report (vanilla first)
+    accounting = "input"
+    data_dependent = False
+    rank_selection = False
+
+    @classmethod
+    def check_user_options(cls, values: dict[str, Any]) -> list[tuple[str, Any, str]]:
+        """The (option, value, what is valid) of every option in ``values`` that this method takes and that is
+        invalid; options it does not take are not looked at."""
+        return [(k, values[k], opt.valid) for k, opt in cls.user_options.items()
+                if k in values and not opt.check(values[k])]
+
+    @classmethod
+    def report_label(cls, options: dict[str, Any]) -> tuple[str, tuple]:
+        """Its name in a report for a configuration (``options``: the run's settings), and a sort key among its
+        configurations."""
+        return cls.label or cls.name, ()
+
+    @classmethod
+    def run_name(cls, options: dict[str, Any]) -> str:
+        """What a run directory name says of this method's settings, after ``l<num_finetune>`` ("" for none)."""
+        return ""
+
+    def weight_grad_closure(self, ops, x: torch.Tensor, g: torch.Tensor, shape) -> Callable[[], torch.Tensor]:
+        """A function computing this method's weight gradient from the layer input ``x`` and output gradient ``g``
+        the way its backward does, from what it keeps (prepared outside the function, so only the gradient is
+        timed). Default: the exact gradient from the whole input."""
+        return lambda: ops.weight_grad_exact(x, g, shape)
 
     def __init__(self, layer_name: str):
         super().__init__()
@@ -134,6 +216,8 @@ class Vanilla(Method):
     """Exact backward through plain autograd: the patched layer keeps its whole input."""
 
     name = "vanilla"
+    label = "Vanilla training"
+    report_order = 0
 
     def train_forward(self, layer, x):
         y = layer.plain_forward(x)
@@ -147,6 +231,27 @@ class GradFilter(Method):
 
     name = "gradfilter"
     option_names = ("radius",)
+    user_options = {"radius": Option(2, lambda r: _is_int(r) and r >= 1,
+                                     "gradfilter's patch radius must be an integer >= 1")}
+    label = "Gradient filtering"
+    report_order = 10
+    accounting = "gradfilter"
+
+    @classmethod
+    def report_label(cls, options):
+        r = options.get("radius")
+        label = f"Gradient filtering R{r}" if r is not None else "Gradient filtering"
+        if cls.accounting == "gradfilter_paper":  # the authors' op: the paper's row
+            label += " (authors' op)"
+        return label, (_number(r),)
+
+    @classmethod
+    def run_name(cls, options):
+        return f"_R{options.get('radius')}"
+
+    def weight_grad_closure(self, ops, x, g, shape):
+        x_bar = ops.filter_input(x, self.radius)
+        return lambda: ops.filter_weight_grad(x_bar, ops.filter_grad(g, self.radius)[0], shape)
 
     def __init__(self, layer_name: str, radius: int = 2):
         super().__init__(layer_name)
@@ -192,6 +297,11 @@ class _LowRank(Method):
         self._last = (ranks, core.numel() + sum(u.numel() for u in factors if u is not None))
         return core, factors
 
+    def weight_grad_closure(self, ops, x, g, shape):
+        state = copy.deepcopy(self)  # do not advance the layer's own warm-start state
+        core, factors = state.compress(x)
+        return lambda: ops.weight_grad(core, factors, g, shape)
+
 
 @register_method
 class HOSVD(_LowRank):
@@ -199,6 +309,21 @@ class HOSVD(_LowRank):
 
     name = "hosvd"
     option_names = ("eps",)
+    user_options = {"eps": Option(0.8, lambda e: isinstance(e, (int, float)) and not isinstance(e, bool)
+                                  and 0 < e <= 1, "hosvd's explained-variance threshold must be in (0, 1]")}
+    label = "HOSVD"
+    report_order = 20
+    accounting = "hosvd"
+    data_dependent = True
+
+    @classmethod
+    def report_label(cls, options):
+        eps = options.get("eps")
+        return (f"HOSVD (ε = {eps})" if eps is not None else "HOSVD"), (_number(eps),)
+
+    @classmethod
+    def run_name(cls, options):
+        return f"_eps{options.get('eps')}"
 
     def __init__(self, layer_name: str, eps: float = 0.8):
         super().__init__(layer_name)
@@ -230,6 +355,43 @@ class ASI(_LowRank):
 
     name = "asi"
     option_names = ("ranks", "warm_start", "seed")
+    user_options = {"ranks": Option(None, lambda r: r is None or _valid_ranks(r),
+                                    "asi ranks must be one integer >= 1, one list of per-mode ranks for every layer, "
+                                    "or one such list per fine-tuned layer, of integers >= 1"),
+                    "warm_start": Option(True, lambda w: isinstance(w, bool), "it must be true or false")}
+    label = "ASI"
+    report_order = 30
+    accounting = "asi"
+    rank_selection = True
+
+    @classmethod
+    def report_label(cls, options):
+        budget, ranks, warm = options.get("budget"), options.get("ranks"), options.get("warm_start")
+        quals = []
+        if not budget:  # with a budget the ranks are chosen per layer (the paper's ASI); say which otherwise
+            if isinstance(ranks, (int, float, str)) and not isinstance(ranks, bool):
+                quals.append(f"r = {ranks}")
+            else:
+                quals.append("per-layer ranks" if ranks else "default ranks")
+        if warm is False:
+            quals.append("no warm start")
+        fixed = "" if budget or not isinstance(ranks, (int, float, str)) else str(ranks)
+        return "ASI" + (f" ({', '.join(quals)})" if quals else ""), (bool(quals), warm is False, fixed)
+
+    @classmethod
+    def run_name(cls, options):
+        """``_r4``, ``_r2x3x1x1`` (per mode), ``_r2x3x1x1-1x2x1x1`` (per layer), ``_budgethosvd@0.8`` (ranks chosen
+        under a budget); ``_nowarm`` without warm start (the paper's Fig. 3 ablation)."""
+        ranks, budget = options.get("ranks"), options.get("budget")
+        if budget is not None:
+            name = f"_budget{budget}"
+        elif isinstance(ranks, int):
+            name = f"_r{ranks}"
+        elif all(isinstance(r, int) for r in ranks):  # one per-mode tuple for every layer
+            name = "_r" + "x".join(map(str, ranks))
+        else:
+            name = "_r" + "-".join("x".join(map(str, r)) for r in ranks)
+        return name + ("_nowarm" if options.get("warm_start") is False else "")
 
     def __init__(self, layer_name: str, ranks=1, warm_start: bool = True, seed: int = 0):
         super().__init__(layer_name)
@@ -334,6 +496,27 @@ def _keep_finite_state(method: Method, factors) -> bool:
     return False
 
 
+def _valid_ranks(ranks) -> bool:
+    """One int >= 1, one list of per-mode ints >= 1, or one such non-empty list per layer."""
+    if _is_int(ranks):
+        flat = [ranks]
+    elif isinstance(ranks, (list, tuple)) and ranks and all(_is_int(r) for r in ranks):
+        flat = list(ranks)
+    elif isinstance(ranks, (list, tuple)) and ranks and all(isinstance(t, (list, tuple)) and t for t in ranks):
+        flat = [r for t in ranks for r in t]
+    else:
+        return False
+    return all(_is_int(r) and r >= 1 for r in flat)
+
+
+def _number(value) -> float:
+    """A sort key from a numeric option (0 when missing or not a number)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def _check_ranks(layer_name, ranks):
     def bad(value):
         return ValueError(f"layer {layer_name!r}: asi ranks must be integers >= 1, got {value!r}")
@@ -386,6 +569,13 @@ class GradFilterPaper(GradFilter):
 
     name = "gradfilter_paper"
     layer_types = ("conv",)
+    report_order = 15
+    accounting = "gradfilter_paper"
+
+    def weight_grad_closure(self, ops, x, g, shape):
+        x_sum = ops.paper_filter_input(x, self.radius)
+        g_pad = ops.paper_patch_geometry(tuple(x.shape[-2:]), self.radius)[3]
+        return lambda: ops.filter_weight_grad(x_sum, ops.paper_filter_grad(g, self.radius, g_pad), shape)
 
     def train_forward(self, layer, x):
         from .conv import ConvOps

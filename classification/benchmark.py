@@ -7,7 +7,6 @@ Everything here is measurement: no dataset, no pretrained weights.
 """
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from typing import Callable, Optional, Sequence
@@ -112,21 +111,10 @@ def _capture(net, x, y, loss_fn):
 
 
 def _weight_grad_closure(layer, x, g) -> Callable[[], torch.Tensor]:
-    """The weight-gradient computation of ``layer``'s method alone, on what the method keeps."""
-    method, ops, shape = layer.method, layer.ops, layer.weight.shape
+    """The weight-gradient computation of ``layer``'s method alone, on what the method keeps
+    (``Method.weight_grad_closure``)."""
     with torch.no_grad():
-        if method.name == "vanilla":
-            return lambda: ops.weight_grad_exact(x, g, shape)
-        if method.name == "gradfilter":
-            x_bar = ops.filter_input(x, method.radius)
-            return lambda: ops.filter_weight_grad(x_bar, ops.filter_grad(g, method.radius)[0], shape)
-        if method.name == "gradfilter_paper":
-            x_sum = ops.paper_filter_input(x, method.radius)
-            g_pad = ops.paper_patch_geometry(tuple(x.shape[-2:]), method.radius)[3]
-            return lambda: ops.filter_weight_grad(x_sum, ops.paper_filter_grad(g, method.radius, g_pad), shape)
-        state = copy.deepcopy(method)  # do not advance the layer's own warm-start state
-        core, factors = state.compress(x)
-    return lambda: ops.weight_grad(core, factors, g, shape)
+        return layer.method.weight_grad_closure(layer.ops, x, g, layer.weight.shape)
 
 
 def time_weight_gradients(nets: dict, x, y, loss_fn, steps: int = 5, device=torch.device("cpu")) -> dict:
