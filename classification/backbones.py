@@ -1,37 +1,41 @@
-"""Model zoo: ``create_model(name, num_classes, pretrained)`` over a registry (timm-style).
+"""The CNN and vision-transformer family: plain ImageNet classifiers, registered in ``classification.registry``.
 
 Architecture code and pretrained-weight loading are kept apart:
 
-* ``MODELS`` maps a name to a builder returning the ImageNet-shaped network (1000 classes)
-  and to where its published ImageNet weights live (URL + file name).
+* Each network registers itself (``register_classifier`` below) with a builder returning the ImageNet-shaped
+  network (1000 classes) and where its published ImageNet weights live (URL + file name); the shared wrapper
+  ``classification.weights.classifier_create`` turns it into the registry's ``create(num_classes, pretrained)``.
 * ``load_imagenet_weights`` resolves the weights: a local file under ``<ckpt_dir>/imagenet/``
   first, then the published URL (downloaded into that same folder), and when neither works it
   stops with a message naming the file to put where. It never continues with random weights.
-* ``create_model`` builds, optionally loads the weights, then replaces the classifier head
-  with a fresh ``nn.Linear(num_features, num_classes)`` (``reset_classifier``).
+* ``create_model`` (``classification.registry``) builds, optionally loads the weights, then replaces the classifier
+  head with a fresh ``nn.Linear(num_features, num_classes)`` (``reset_classifier``).
 
 ``mcunet`` is MCUNet-in1 (``mcunet-5fps_imagenet``), written from the architecture facts in
 the public MCUNet release; module names follow the ProxylessNAS layout of that release
 (``first_conv.conv``, ``blocks.i.mobile_inverted_conv.depth_conv.bn``, ``classifier.linear``)
 so its published state_dict loads unchanged.
+
+``MODELS``, ``get_spec`` and ``create_model`` are still importable from here, as they were (see the end of this
+module); new code imports them from ``classification.registry`` after ``classification.families``.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from . import registry
+from .registry import ModelSpec, register_model
+from .weights import REPO_ROOT, ckpt_dir, classifier_create, get_submodule_parent, reset_classifier
 
-
-def ckpt_dir() -> Path:
-    """Where checkpoints live: ``$ASI_CKPT_DIR`` if set, else ``<repo>/ckpts``."""
-    return Path(os.environ.get("ASI_CKPT_DIR", REPO_ROOT / "ckpts"))
+__all__ = ["MCUNet", "ModelSpec", "MODELS", "REPO_ROOT", "ckpt_dir", "create_model", "get_spec", "get_submodule_parent",
+           "imagenet_weights_path", "load_imagenet_weights", "register_classifier", "reset_classifier"]
 
 
 # ----------------------------------------------------------------------------- MCUNet-in1
@@ -119,25 +123,14 @@ class MCUNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
-# ----------------------------------------------------------------------------- registry
-@dataclass(frozen=True)
-class ModelSpec:
-    builder: Optional[Callable[[], nn.Module]]  # ImageNet-shaped network, random init (None: see create)
-    head: str                         # dotted path of the final nn.Linear
-    weights_url: str                  # published ImageNet weights
-    weights_file: str                 # file name under <ckpt_dir>/imagenet/
-    resolution: int                   # native ImageNet resolution (informative)
-    layer_type: str = "conv"          # what --model.num_finetune counts by default (asi_core.patch's layer_type)
-    include: Optional[str] = None     # default name filter of those layers (asi_core.patch's include), e.g. "mlp"
-    task: str = "classification"      # "segmentation": (B, K, H, W) logits, pixel labels (segmentation/)
-    # families that build and load themselves (Hugging Face LLMs, classification/llm.py):
-    # create(num_classes, pretrained, **options) -> network with its head
-    create: Optional[Callable[..., nn.Module]] = None
-    fixed_resolution: Optional[int] = None  # the only input size the architecture takes (ViT: position embeddings)
-    # FLOPs per multiply-add in the paper's tables for this model: 1 for the CNNs (Tables 1-2), 2 for Swin-T's Table 2
-    # rows (their vanilla 2/4-layer TFLOPs, 0.11/0.23 at batch 128, are twice our forward + weight-gradient MACs,
-    # 0.059/0.118 T). Scales ``paper_gflops`` only; every other *_gflops figure counts 1 multiply-add = 1 FLOP.
-    paper_flops_per_mac: int = 1
+# ----------------------------------------------------------------------------- registration
+def register_classifier(name: str, builder: Callable[[], nn.Module], head: str, weights_url: str = "",
+                        weights_file: str = "", resolution: int = 224, **spec_fields) -> None:
+    """Register a plain ImageNet classifier: ``builder()`` -> 1000-class network with its final ``nn.Linear`` at
+    ``head``; ``pretrained`` loads ``weights_url`` (``load_imagenet_weights``), then the head is reset."""
+    create = classifier_create(name, builder, head, lambda n, model: load_imagenet_weights(n, model))
+    register_model(name, builder=builder, head=head, weights_url=weights_url, weights_file=weights_file,
+                   resolution=resolution, **spec_fields)(create)
 
 
 def _swin(**kw) -> Callable[[], nn.Module]:
@@ -161,82 +154,36 @@ def _tv(fn_name: str) -> Callable[[], nn.Module]:
     return build
 
 
-MODELS: dict[str, ModelSpec] = {
-    "mcunet": ModelSpec(MCUNet, "classifier.linear",
-                        "https://hanlab18.mit.edu/projects/tinyml/mcunet/release/mcunet-5fps_imagenet.pth",
-                        "mcunet-5fps_imagenet.pth", 96),
-    "mobilenet_v2": ModelSpec(_tv("mobilenet_v2"), "classifier.1",
-                              "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-                              "mobilenet_v2-b0353104.pth", 224),
-    "resnet18": ModelSpec(_tv("resnet18"), "fc",
-                          "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-                          "resnet18-f37072fd.pth", 224),
-    "resnet34": ModelSpec(_tv("resnet34"), "fc",
-                          "https://download.pytorch.org/models/resnet34-b627a593.pth",
-                          "resnet34-b627a593.pth", 224),
-    # Vision transformers (torchvision architectures and IMAGENET1K_V1 weights). "#Layers" counts, from the end, the
-    # nn.Linear layers whose name contains "mlp" (the authors' selection): Swin's features.<stage>.<block>.mlp.0/.3
-    # and ViT's encoder.layers.encoder_layer_<i>.mlp.0/.3; Swin feeds them (B, H, W, C), ViT (B, T, D).
-    "swin_t": ModelSpec(_tv("swin_t"), "head", "https://download.pytorch.org/models/swin_t-704ceda3.pth",
-                        "swin_t-704ceda3.pth", 224, layer_type="linear", include="mlp", paper_flops_per_mac=2),
-    "vit_b_32": ModelSpec(_tv("vit_b_32"), "heads.head", "https://download.pytorch.org/models/vit_b_32-d86f8d99.pth",
-                          "vit_b_32-d86f8d99.pth", 224, layer_type="linear", include="mlp", fixed_resolution=224),
-    # Test-only miniatures (random weights only, no published file): the same torchvision classes and module names
-    # at a few hundred kFLOPs, so tests and the CPU demo can fit transformers in seconds at resolution 32.
-    "swin_tiny_test": ModelSpec(_swin(patch_size=[4, 4], embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
-                                      window_size=[4, 4], stochastic_depth_prob=0.2), "head", "", "", 32,
-                                layer_type="linear", include="mlp"),
-    "vit_tiny_test": ModelSpec(_vit(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
-                                    mlp_dim=64), "heads.head", "", "", 32, layer_type="linear", include="mlp",
-                               fixed_resolution=32),
-}
+register_classifier("mcunet", MCUNet, "classifier.linear",
+                    "https://hanlab18.mit.edu/projects/tinyml/mcunet/release/mcunet-5fps_imagenet.pth",
+                    "mcunet-5fps_imagenet.pth", 96)
+register_classifier("mobilenet_v2", _tv("mobilenet_v2"), "classifier.1",
+                    "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth", "mobilenet_v2-b0353104.pth", 224)
+register_classifier("resnet18", _tv("resnet18"), "fc",
+                    "https://download.pytorch.org/models/resnet18-f37072fd.pth", "resnet18-f37072fd.pth", 224)
+register_classifier("resnet34", _tv("resnet34"), "fc",
+                    "https://download.pytorch.org/models/resnet34-b627a593.pth", "resnet34-b627a593.pth", 224)
+# Vision transformers (torchvision architectures and IMAGENET1K_V1 weights). "#Layers" counts, from the end, the
+# nn.Linear layers whose name contains "mlp" (the authors' selection): Swin's features.<stage>.<block>.mlp.0/.3
+# and ViT's encoder.layers.encoder_layer_<i>.mlp.0/.3; Swin feeds them (B, H, W, C), ViT (B, T, D).
+register_classifier("swin_t", _tv("swin_t"), "head", "https://download.pytorch.org/models/swin_t-704ceda3.pth",
+                    "swin_t-704ceda3.pth", 224, layer_type="linear", include="mlp", paper_flops_per_mac=2)
+register_classifier("vit_b_32", _tv("vit_b_32"), "heads.head",
+                    "https://download.pytorch.org/models/vit_b_32-d86f8d99.pth", "vit_b_32-d86f8d99.pth", 224,
+                    layer_type="linear", include="mlp", fixed_resolution=224)
+# Test-only miniatures (random weights only, no published file): the same torchvision classes and module names
+# at a few hundred kFLOPs, so tests and the CPU demo can fit transformers in seconds at resolution 32.
+register_classifier("swin_tiny_test", _swin(patch_size=[4, 4], embed_dim=16, depths=[2, 2, 2, 2],
+                                            num_heads=[1, 2, 2, 4], window_size=[4, 4], stochastic_depth_prob=0.2),
+                    "head", "", "", 32, layer_type="linear", include="mlp")
+register_classifier("vit_tiny_test", _vit(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                          mlp_dim=64), "heads.head", "", "", 32, layer_type="linear", include="mlp",
+                    fixed_resolution=32)
 
 
-def _register_segmentation() -> None:
-    """The segmentation networks of the paper's Table 3 (segmentation/models.py): no ImageNet head to replace,
-    they start from an mmseg checkpoint (--model.checkpoint) or random weights."""
-    from segmentation.models import BUILDERS
-
-    def creator(name: str, build: Callable[[int], nn.Module]) -> Callable[..., nn.Module]:
-        def create(num_classes: int, pretrained: bool, **options) -> nn.Module:
-            if options:
-                raise ValueError(f"model {name!r} takes no options {sorted(options)} (they are for the LLM backbones)")
-            if pretrained:
-                raise FileNotFoundError(
-                    f"model {name!r} has no published ImageNet weights to load: start it from the authors' "
-                    f"Cityscapes-calibrated checkpoint with --model.checkpoint (scripts/download_ckpts.sh seg, "
-                    f"docs/segmentation.md), or pass --model.pretrained false to train from random weights on purpose")
-            return build(num_classes)
-        return create
-
-    for name, build in BUILDERS.items():
-        MODELS[name] = ModelSpec(None, "decode_head.conv_seg", "", "", 512, task="segmentation",
-                                 create=creator(name, build))
-
-
-_register_segmentation()
-
-
-def _llm(backbone: str) -> Callable[..., nn.Module]:
-    def create(num_classes: int, pretrained: bool, **options) -> nn.Module:
-        from .llm import create_llm
-        return create_llm(backbone, num_classes, pretrained, **options)
-    return create
-
-
-# LLaMA-family sequence classifiers (classification/llm.py): "#Layers" = the last N linears named *mlp*
-for _name, _hub in (("tinyllama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"), ("llama_tiny", ""), ("hf", "")):
-    MODELS[_name] = ModelSpec(None, "score", _hub, "", 0, layer_type="linear", include="mlp", create=_llm(_name))
-
-
-def get_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; valid choices: {', '.join(MODELS)}")
-    return MODELS[name]
-
-
+# ----------------------------------------------------------------------------- ImageNet weights
 def imagenet_weights_path(name: str) -> Path:
-    return ckpt_dir() / "imagenet" / get_spec(name).weights_file
+    return ckpt_dir() / "imagenet" / registry.get_spec(name).weights_file
 
 
 def _download(url: str, dst: Path) -> None:
@@ -251,7 +198,7 @@ def load_imagenet_weights(name: str, model: nn.Module) -> Path:
     Order: ``<ckpt_dir>/imagenet/<file>`` if present, else download the published file there.
     If both fail, raise ``FileNotFoundError`` naming the file to put where.
     """
-    spec = get_spec(name)
+    spec = registry.get_spec(name)
     if not spec.weights_url:
         raise ValueError(f"model {name!r} has no published ImageNet weights (a test-only miniature); "
                          f"pass --model.pretrained false")
@@ -283,33 +230,37 @@ def load_imagenet_weights(name: str, model: nn.Module) -> Path:
     return path
 
 
-def get_submodule_parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = dotted.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
+# ----------------------------------------------------------------------------- names kept from before the registry
+# ``MODELS``, ``get_spec`` and ``create_model`` as this module exported them, for code written before
+# classification/registry.py: every family registered (``classification.families``, imported on first use: it imports
+# this module), and each spec as it read then: ``create`` set only for the families that build and load themselves
+# (LLMs, segmentation), None for a plain classifier (whose create, the shared wrapper, create_model calls). Code that
+# asks ``spec.create is not None`` for "not a plain ImageNet classifier" keeps working; new code imports the
+# registry and reads ``spec.options`` / ``spec.weights_url``.
+def _as_before(spec: ModelSpec) -> ModelSpec:
+    return dataclasses.replace(spec, create=None) if spec.builder is not None else spec
 
 
-def reset_classifier(model: nn.Module, head: str, num_classes: int) -> nn.Linear:
-    """Replace the final ``nn.Linear`` at dotted path ``head`` by a fresh one with ``num_classes`` outputs."""
-    parent, attr = get_submodule_parent(model, head)
-    old = getattr(parent, attr)
-    new = nn.Linear(old.in_features, num_classes)
-    setattr(parent, attr, new)
-    return new
+class _ModelsAsBefore(Mapping):
+    """A live read-only view of ``registry.MODELS`` with the specs as :func:`_as_before` reads them."""
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        return _as_before(registry.MODELS[name])
+
+    def __iter__(self):
+        return iter(registry.MODELS)
+
+    def __len__(self) -> int:
+        return len(registry.MODELS)
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = True, **options) -> nn.Module:
-    """Backbone + global pooling + linear head with ``num_classes`` outputs.
+def _get_spec_as_before(name: str) -> ModelSpec:
+    return _as_before(registry.get_spec(name))
 
-    ``pretrained=True`` loads the published ImageNet weights (see ``load_imagenet_weights``)
-    before the head is replaced; it raises rather than fall back to random weights.
-    """
-    spec = get_spec(name)
-    if spec.create is not None:
-        return spec.create(num_classes, pretrained, **options)
-    if options:
-        raise ValueError(f"model {name!r} takes no options {sorted(options)} (they are for the LLM backbones)")
-    model = spec.builder()
-    if pretrained:
-        load_imagenet_weights(name, model)
-    reset_classifier(model, spec.head, num_classes)
-    return model
+
+def __getattr__(attr: str):
+    if attr in ("MODELS", "get_spec", "create_model"):
+        from . import families  # noqa: F401
+        return {"MODELS": _ModelsAsBefore(), "get_spec": _get_spec_as_before,
+                "create_model": registry.create_model}[attr]
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

@@ -27,13 +27,15 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .backbones import ckpt_dir
+from .registry import MODELS, register_model
+from .weights import ckpt_dir
 
 # TinyLlama/TinyLlama-1.1B-Chat-v1.0 config.json (the authors' model, paper Table 4)
 TINYLLAMA_HUB = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
@@ -55,8 +57,14 @@ LLM_CONFIGS = {"tinyllama": TINYLLAMA_CONFIG, "llama_tiny": LLAMA_TINY_CONFIG, "
 HUB_NAMES = {"tinyllama": TINYLLAMA_HUB}
 
 
+# the LLMs' own --model options, handed to create_llm (ModelSpec.options)
+LLM_OPTIONS = ("name_or_path", "shape_only", "num_blocks")
+
+
 def is_llm(backbone: str) -> bool:
-    return backbone in LLM_CONFIGS
+    """A registered model with its own --model options (the LLMs); False for an unknown name."""
+    spec = MODELS.get(backbone)
+    return spec is not None and bool(spec.options)
 
 
 def local_dir(backbone: str) -> Path:
@@ -216,6 +224,20 @@ def create_llm(backbone: str, num_classes: int, pretrained: bool, name_or_path: 
     net = SequenceClassifier(hf, config.pad_token_id)
     net.fake_mode = fake_mode
     return net
+
+
+def _register(backbone: str) -> None:
+    """LLaMA-family sequence classifier ``backbone``: "#Layers" = the last N linears named *mlp*."""
+    def create(num_classes: int, pretrained: bool, **options) -> nn.Module:
+        return create_llm(backbone, num_classes, pretrained, **options)
+
+    register_model(backbone, builder=None, head="score", weights_url=HUB_NAMES.get(backbone, ""), weights_file="",
+                   resolution=0, layer_type="linear", include="mlp", options=LLM_OPTIONS,
+                   tokenizer_source=partial(source_of, backbone), shape_only_profile=True)(create)
+
+
+for _name in LLM_CONFIGS:  # tinyllama, llama_tiny, hf
+    _register(_name)
 
 
 # ----------------------------------------------------------------------------- LoRA

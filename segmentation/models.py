@@ -32,11 +32,16 @@ conv_seg). Each block below follows mmseg 0.x line for line in structure, not in
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence
+from functools import partial
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from classification.registry import register_model
+
+from .layer_sets import layer_set
 
 ALIGN_CORNERS = False
 
@@ -295,3 +300,24 @@ def deeplabv3_mv2(num_classes: int = 21) -> EncoderDecoder:
 
 
 BUILDERS = {f.__name__: f for f in (pspnet_r18, deeplabv3_r18, fcn_r18, upernet_r18, pspnet_mv2, deeplabv3_mv2)}
+
+
+# ----------------------------------------------------------------------------- registration
+def _creator(name: str, build: Callable[[int], nn.Module]) -> Callable[..., nn.Module]:
+    """The registry's ``create``: no ImageNet head to replace; the networks start from an mmseg checkpoint
+    (--model.checkpoint) or random weights."""
+    def create(num_classes: int, pretrained: bool, **options) -> nn.Module:
+        if options:
+            raise ValueError(f"model {name!r} takes no options {sorted(options)} (they are for the LLM backbones)")
+        if pretrained:
+            raise FileNotFoundError(
+                f"model {name!r} has no published ImageNet weights to load: start it from the authors' "
+                f"Cityscapes-calibrated checkpoint with --model.checkpoint (scripts/download_ckpts.sh seg, "
+                f"docs/segmentation.md), or pass --model.pretrained false to train from random weights on purpose")
+        return build(num_classes)
+    return create
+
+
+for _name, _build in BUILDERS.items():  # the paper's Table 3 networks; --model.num_finetune 5/10: the authors' lists
+    register_model(_name, builder=None, head="decode_head.conv_seg", weights_url="", weights_file="", resolution=512,
+                   task="segmentation", layer_sets=partial(layer_set, _name))(_creator(_name, _build))
