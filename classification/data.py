@@ -9,20 +9,25 @@
 
 ``digits`` is scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes),
 upsampled to RGB at ``resolution``: no download, used by the demo and the tests.
+
+The image datasets register themselves here (``classification.registry.register_dataset``), the text ones in
+text_data.py, the segmentation ones in segmentation/data.py. ``ClassificationData`` and the functions below read
+only their specs (no dataset name is special here). ``DATASETS`` and ``get_dataset_spec`` are still importable from
+this module (the registry's, every family registered by ``classification.families`` on first use).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from .text_data import BOOLQ_HOW_TO, DIGITS_TOKENS_LENGTH
+from . import registry
+from .registry import DatasetSpec, register_dataset
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -47,10 +52,14 @@ class DigitsDataset(Dataset):
         return self.images[i], self.targets[i]
 
 
+def _digits(root: Path, download: bool, resolution: int = 32, **_):
+    return DigitsDataset(resolution), None
+
+
 def _tv_dataset(cls_name: str, train_kw: Sequence[dict], test_kw: Optional[dict]):
     """Builder for a torchvision dataset class; a pool made of several splits is concatenated."""
 
-    def build(root: Path, download: bool):
+    def build(root: Path, download: bool, **_):
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, cls_name)
@@ -63,7 +72,7 @@ def _tv_dataset(cls_name: str, train_kw: Sequence[dict], test_kw: Optional[dict]
 
 
 def _image_folder(train_dir: str, test_dir: Optional[str]):
-    def build(root: Path, download: bool):
+    def build(root: Path, download: bool, **_):
         from torchvision.datasets import ImageFolder
 
         for d in [train_dir] + ([test_dir] if test_dir else []):
@@ -74,79 +83,65 @@ def _image_folder(train_dir: str, test_dir: Optional[str]):
     return build
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    num_classes: int
-    build: Callable  # (root: Path, download: bool) -> (train pool, official test set or None)
-    how_to_obtain: str
-    kind: str = "image"  # "text": build(root, download, tokenizer=, max_length=) -> token datasets (text_data.py)
-    task: str = "classification"  # "segmentation": (image, (H, W) label map) samples, its own splits
-    make_sets: Optional[Callable] = None  # (root, resolution, seed) -> (train, val, test); replaces build + splits
-    eval_batch_size: Optional[int] = None  # val/test batch size when images differ in size (VOC: 1, as mmseg)
+# ----------------------------------------------------------------------------- registration
+CIFAR_STATS = ((0.5,) * 3, (0.5,) * 3)  # the authors normalise CIFAR with mean = std = 0.5 (--data.augment paper)
+
+register_dataset("digits", num_classes=10, build=_digits, how_to_obtain="bundled with scikit-learn; nothing to download",
+                 in_memory=True)
+register_dataset(
+    "cifar10", num_classes=10, build=_tv_dataset("CIFAR10", [dict(train=True)], dict(train=False)),
+    how_to_obtain="torchvision CIFAR10: pass --data.download true once online, or extract cifar-10-python.tar.gz "
+    "(https://www.cs.toronto.edu/~kriz/cifar.html) so that <root>/cifar10/cifar-10-batches-py/ exists",
+    downloadable=True, paper_stats=CIFAR_STATS)
+register_dataset(
+    "cifar100", num_classes=100, build=_tv_dataset("CIFAR100", [dict(train=True)], dict(train=False)),
+    how_to_obtain="torchvision CIFAR100: pass --data.download true once online, or extract cifar-100-python.tar.gz "
+    "(https://www.cs.toronto.edu/~kriz/cifar.html) so that <root>/cifar100/cifar-100-python/ exists",
+    downloadable=True, paper_stats=CIFAR_STATS)
+register_dataset(
+    "flowers102", num_classes=102,
+    build=_tv_dataset("Flowers102", [dict(split="train"), dict(split="val")], dict(split="test")),
+    how_to_obtain="torchvision Flowers102: pass --data.download true once online, or put 102flowers.tgz (extracted: "
+    "jpg/), imagelabels.mat and setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ "
+    "in <root>/flowers102/flowers-102/",
+    downloadable=True)
+register_dataset(
+    "pets", num_classes=37, build=_tv_dataset("OxfordIIITPet", [dict(split="trainval")], dict(split="test")),
+    how_to_obtain="torchvision OxfordIIITPet: pass --data.download true once online, or extract images.tar.gz and "
+    "annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/ into <root>/pets/oxford-iiit-pet/",
+    downloadable=True)
+# ImageFolder sets: nothing to download, but prepare_data still builds them once with --data.download true (checks
+# their folders), as it always has
+register_dataset(
+    "cub200", num_classes=200, build=_image_folder("train", "test"),
+    how_to_obtain="CUB-200-2011 (https://www.vision.caltech.edu/datasets/cub_200_2011/) in ImageFolder layout: "
+    "<root>/cub200/train/<class>/*.jpg and <root>/cub200/test/<class>/*.jpg "
+    "(split with the archive's train_test_split.txt; see README)",
+    downloadable=True)
+register_dataset(
+    "imagenet", num_classes=1000, build=_image_folder("train", "val"),
+    how_to_obtain="ImageNet-1k (ILSVRC2012, https://image-net.org/download) in ImageFolder layout: "
+    "<root>/imagenet/train/<wnid>/*.JPEG and <root>/imagenet/val/<wnid>/*.JPEG",
+    downloadable=True, paper_random_crop=True)
 
 
-def _text(name: str) -> Callable:
-    def build(root: Path, download: bool, tokenizer: Optional[str] = None, max_length: int = 512):
-        from . import text_data
-        if name == "digits_tokens":
-            return text_data.digits_tokens(), None
-        return text_data.boolq(root, tokenizer, max_length)
-    return build
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec(10, None, "bundled with scikit-learn; nothing to download"),
-    "cifar10": DatasetSpec(
-        10, _tv_dataset("CIFAR10", [dict(train=True)], dict(train=False)),
-        "torchvision CIFAR10: pass --data.download true once online, or extract cifar-10-python.tar.gz "
-        "(https://www.cs.toronto.edu/~kriz/cifar.html) so that <root>/cifar10/cifar-10-batches-py/ exists"),
-    "cifar100": DatasetSpec(
-        100, _tv_dataset("CIFAR100", [dict(train=True)], dict(train=False)),
-        "torchvision CIFAR100: pass --data.download true once online, or extract cifar-100-python.tar.gz "
-        "(https://www.cs.toronto.edu/~kriz/cifar.html) so that <root>/cifar100/cifar-100-python/ exists"),
-    "flowers102": DatasetSpec(
-        102, _tv_dataset("Flowers102", [dict(split="train"), dict(split="val")], dict(split="test")),
-        "torchvision Flowers102: pass --data.download true once online, or put 102flowers.tgz (extracted: jpg/), "
-        "imagelabels.mat and setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ "
-        "in <root>/flowers102/flowers-102/"),
-    "pets": DatasetSpec(
-        37, _tv_dataset("OxfordIIITPet", [dict(split="trainval")], dict(split="test")),
-        "torchvision OxfordIIITPet: pass --data.download true once online, or extract images.tar.gz and "
-        "annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/ into <root>/pets/oxford-iiit-pet/"),
-    "cub200": DatasetSpec(
-        200, _image_folder("train", "test"),
-        "CUB-200-2011 (https://www.vision.caltech.edu/datasets/cub_200_2011/) in ImageFolder layout: "
-        "<root>/cub200/train/<class>/*.jpg and <root>/cub200/test/<class>/*.jpg "
-        "(split with the archive's train_test_split.txt; see README)"),
-    "imagenet": DatasetSpec(
-        1000, _image_folder("train", "val"),
-        "ImageNet-1k (ILSVRC2012, https://image-net.org/download) in ImageFolder layout: "
-        "<root>/imagenet/train/<wnid>/*.JPEG and <root>/imagenet/val/<wnid>/*.JPEG"),
-    "digits_tokens": DatasetSpec(10, _text("digits_tokens"), "bundled with scikit-learn; nothing to download",
-                                 kind="text"),
-    "boolq": DatasetSpec(2, _text("boolq"), BOOLQ_HOW_TO, kind="text"),
-}
-
-
-def _register_segmentation() -> None:
-    from segmentation import data as seg
-
-    DATASETS["voc12aug"] = DatasetSpec(21, None, seg.VOC_HOW_TO, task="segmentation", make_sets=seg.voc12aug_sets,
-                                       eval_batch_size=1)
-    DATASETS["cityscapes"] = DatasetSpec(19, None, seg.CITYSCAPES_HOW_TO, task="segmentation",
-                                         make_sets=seg.cityscapes_sets, eval_batch_size=1)
-    DATASETS["digit_scenes"] = DatasetSpec(seg.DigitScenes.NUM_CLASSES, None,
-                                           "bundled: composed from scikit-learn's digits; nothing to download",
-                                           task="segmentation", make_sets=seg.digit_scenes_sets)
-
-
-_register_segmentation()
+def _registered() -> dict[str, DatasetSpec]:
+    """The dataset registry with every family registered: ``classification.families`` imports this module, so it is
+    imported here, on first use, not at the top."""
+    from . import families  # noqa: F401
+    return registry.DATASETS
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
-    if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
-    return DATASETS[name]
+    _registered()
+    return registry.get_dataset_spec(name)
+
+
+def __getattr__(attr: str):
+    """``DATASETS``, as this module exported it: the registry's, every family registered."""
+    if attr == "DATASETS":
+        return _registered()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def num_classes_of(name: str) -> int:
@@ -158,8 +153,9 @@ def input_shape_of(batch_size: int, resolution: int, name: Optional[str] = None,
                    max_length: Optional[int] = None) -> list[int]:
     """Network input shape of a batch: ``[batch_size, 3, resolution, resolution]`` (every image dataset is RGB), or
     ``[batch_size, tokens]`` for a text dataset (``name``: its ``max_length``; digits_tokens: 65)."""
-    if name is not None and name in DATASETS and DATASETS[name].kind == "text":
-        return [batch_size, DIGITS_TOKENS_LENGTH if name == "digits_tokens" else int(max_length or 512)]
+    spec = _registered().get(name) if name is not None else None
+    if spec is not None and spec.kind == "text":
+        return [batch_size, spec.tokens if spec.tokens is not None else int(max_length or 512)]
     return [batch_size, 3, resolution, resolution]
 
 
@@ -328,8 +324,9 @@ def image_transforms(resolution: int, train: bool, augment: str = "standard", da
 
     if augment not in AUGMENT_CHOICES:
         raise ValueError(f"--data.augment {augment!r}: choose one of {', '.join(AUGMENT_CHOICES)}")
-    if augment == "paper" and dataset != "imagenet":
-        stats = ((0.5,) * 3, (0.5,) * 3) if dataset.startswith("cifar") else (IMAGENET_MEAN, IMAGENET_STD)
+    spec = _registered().get(dataset)
+    if augment == "paper" and not (spec is not None and spec.paper_random_crop):
+        stats = spec.paper_stats if spec is not None and spec.paper_stats is not None else (IMAGENET_MEAN, IMAGENET_STD)
         return T.Compose([T.ToTensor(), T.Resize((resolution, resolution)), T.Normalize(*stats)])
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train or (augment == "paper" and setup == "A"):
@@ -410,15 +407,11 @@ class ClassificationData(pl.LightningDataModule):
         return self.root / self.name
 
     def _build_pool(self):
-        if self.name == "digits":
-            return DigitsDataset(self.resolution), None
-        text = self.spec.kind == "text"
         try:
-            if text:
-                return self.spec.build(self.dataset_dir, self.download, self.tokenizer, self.max_length)
-            return self.spec.build(self.dataset_dir, self.download)
+            return self.spec.build(self.dataset_dir, self.download, resolution=self.resolution,
+                                   tokenizer=self.tokenizer, max_length=self.max_length)
         except (RuntimeError, FileNotFoundError) as err:
-            if text and "tokenizer" in str(err):
+            if self.spec.kind == "text" and "tokenizer" in str(err):
                 raise
             raise FileNotFoundError(
                 f"Dataset {self.name!r} not found under {self.dataset_dir} ({err}).\n"
@@ -427,8 +420,7 @@ class ClassificationData(pl.LightningDataModule):
             ) from err
 
     def prepare_data(self):
-        if self.download and self.name != "digits" and self.spec.kind != "text" \
-                and self.spec.make_sets is None:
+        if self.download and self.spec.downloadable:
             self._build_pool()  # downloads once, on one process per node
 
     def setup(self, stage: Optional[str] = None):
@@ -467,7 +459,7 @@ class ClassificationData(pl.LightningDataModule):
             raise ValueError(f"--data.val_fraction {self.val_fraction} leaves {len(train_idx)} training and "
                              f"{len(val_idx)} validation samples of {len(indices)}: choose a fraction that leaves "
                              f"samples in both")
-        is_tensor = self.name == "digits" or self.spec.kind == "text"
+        is_tensor = self.spec.in_memory
         t_train = None if is_tensor else image_transforms(self.resolution, True, self.augment, self.name, self.setup_name)
         t_eval = None if is_tensor else image_transforms(self.resolution, False, self.augment, self.name, self.setup_name)
         self.train_set = TransformSubset(pool, train_idx, t_train)

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from .registry import register_dataset
+
 DIGITS_TOKENS_LENGTH = 65  # 64 pixels + eos
 DIGIT_TOKEN_OFFSET = 3  # ids 0 (pad), 1 (bos), 2 (eos) are special; pixel value v is token v + 3
 BOOLQ_HOW_TO = (
@@ -100,3 +102,19 @@ def boolq(root: Path, tokenizer: Optional[str], max_length: int) -> tuple[TokenD
         return TokenDataset(ids, mask, labels)
 
     return build(train), build(dev)
+
+
+# ----------------------------------------------------------------------------- registration
+def _digits_tokens_build(root: Path, download: bool, **_) -> tuple[TokenDataset, None]:
+    return digits_tokens(), None
+
+
+def _boolq_build(root: Path, download: bool, tokenizer: Optional[str] = None, max_length: int = 512, **_
+                 ) -> tuple[TokenDataset, TokenDataset]:
+    return boolq(root, tokenizer, max_length)
+
+
+register_dataset("digits_tokens", num_classes=10, build=_digits_tokens_build,
+                 how_to_obtain="bundled with scikit-learn; nothing to download", kind="text", in_memory=True,
+                 tokens=DIGITS_TOKENS_LENGTH)
+register_dataset("boolq", num_classes=2, build=_boolq_build, how_to_obtain=BOOLQ_HOW_TO, kind="text", in_memory=True)

@@ -1,4 +1,4 @@
-"""Segmentation datasets and the authors' MMSegmentation pipeline, registered in ``classification.data.DATASETS``.
+"""Segmentation datasets and the authors' MMSegmentation pipeline, registered in ``classification.registry.DATASETS``.
 
 * ``voc12aug``: Pascal VOC 2012 + SBD ("augmented", 10,582 training images, 1,449 val), 21 classes, read from
   ``<root>/voc12aug/`` laid out as mmseg's VOC2012 folder after ``tools/convert_datasets/voc_aug.py``::
@@ -31,6 +31,8 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from classification.registry import register_dataset
 
 from .metrics import IGNORE_INDEX
 
@@ -241,3 +243,13 @@ def digit_scenes_sets(root: Path, resolution: int, seed: int = 0, n_train: int =
     train = DigitScenes(n_train, resolution, range(split), seed=seed, flip=True)
     val = DigitScenes(n_val, resolution, range(split, 1797), seed=seed + 1)
     return train, val, val
+
+
+# ----------------------------------------------------------------------------- registration
+register_dataset("voc12aug", num_classes=21, build=None, how_to_obtain=VOC_HOW_TO, task="segmentation",
+                 make_sets=voc12aug_sets, eval_batch_size=1)
+register_dataset("cityscapes", num_classes=19, build=None, how_to_obtain=CITYSCAPES_HOW_TO, task="segmentation",
+                 make_sets=cityscapes_sets, eval_batch_size=1)
+register_dataset("digit_scenes", num_classes=DigitScenes.NUM_CLASSES, build=None,
+                 how_to_obtain="bundled: composed from scikit-learn's digits; nothing to download", task="segmentation",
+                 make_sets=digit_scenes_sets)
