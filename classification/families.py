@@ -17,3 +17,6 @@ from . import llm  # noqa: F401,E402  Hugging Face LLaMA-family sequence classif
 from . import data  # noqa: F401,E402  image datasets
 from . import text_data  # noqa: F401,E402  text datasets (for the LLMs)
 import segmentation.data  # noqa: F401,E402  segmentation datasets
+
+# tasks (classification.tasks registers its own: one class per sample)
+import segmentation.task  # noqa: F401,E402  one class per pixel

@@ -13,7 +13,7 @@ BasicBlock (``.conv1`` and ``.conv2``; not its downsample), ``conv`` a bare conv
 entry (Table 3's gradient-filter rows) is from SLDGroup's ``filt_{5L,10L}_*`` configs: the authors' HOSVD configs
 carry none and their ``filt_*`` configs are not in the stored copy.
 
-``freeze`` is applied in order after patching, as the authors' train.py does: a path sets ``requires_grad=False``
+``freeze`` is applied in order after patching (classification.finetune.apply_freeze_rules), as the authors' train.py does: a path sets ``requires_grad=False``
 on every parameter under it, ``~path`` sets ``True``. So some layers train *without* compression (PSPNet 5L: the
 pyramid-pooling convs and ``conv_seg``; 10L: also ``layer4.0.downsample``) and keep their input for backward:
 Table 3's Mem column counts only the compressed layers.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from torch import nn
 
 _DLV3_HEAD = [("decode_head.aspp_modules.0", "cbr", 3), ("decode_head.aspp_modules.1", "cbr", 3),
               ("decode_head.aspp_modules.2", "cbr", 6), ("decode_head.aspp_modules.3", "cbr", 9),
@@ -107,20 +106,3 @@ def layer_set(model: str, num_finetune) -> dict | None:
     entry = sets[num_finetune]
     names, radii = expand_install(entry["install"])
     return {"layers": names, "radii": radii, "freeze": list(entry["freeze"])}
-
-
-def apply_freeze_rules(model: nn.Module, rules: Iterable[str]) -> None:
-    """The authors' ``freeze_layers``: every parameter starts trainable (their model as built), then in order
-    ``path`` freezes every parameter under it and ``~path`` unfreezes. Replaces whatever was frozen before (e.g.
-    ``asi_core.patch``'s "everything registered before the first patched layer")."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for rule in rules:
-        active = rule.startswith("~")
-        path = rule[1:] if active else rule
-        try:
-            target = model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f"freeze rule {rule!r}: no module {path!r} in the model") from None
-        for p in target.parameters():
-            p.requires_grad_(active)
