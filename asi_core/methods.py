@@ -66,6 +66,7 @@ class Option:
     default: Any
     check: Callable[[Any], bool]
     valid: str
+    reported: bool = True  # recorded beside the method's memory and FLOPs (profile), not only in the run's settings
 
 
 def _autocast_inputs(ctx, x, weight, bias):
@@ -358,7 +359,7 @@ class ASI(_LowRank):
     user_options = {"ranks": Option(None, lambda r: r is None or _valid_ranks(r),
                                     "asi ranks must be one integer >= 1, one list of per-mode ranks for every layer, "
                                     "or one such list per fine-tuned layer, of integers >= 1"),
-                    "warm_start": Option(True, lambda w: isinstance(w, bool), "it must be true or false")}
+                    "warm_start": Option(True, lambda w: isinstance(w, bool), "it must be true or false", reported=False)}
     label = "ASI"
     report_order = 30
     accounting = "asi"

@@ -33,10 +33,11 @@ def _median(xs):
 def run_benchmark(build: Callable[[str], nn.Module], methods: Sequence[str], batch_size: int, resolution: int,
                   num_classes: int = 10, steps: int = 5, warmup: int = 1, per_layer: bool = False,
                   device: str | torch.device = "cpu", seed: int = 0,
-                  progress: Optional[Callable[[str], None]] = None, pixel_targets: bool = False,
-                  loss_fn: Optional[Callable] = None) -> dict:
+                  progress: Optional[Callable[[str], None]] = None, loss_fn: Optional[Callable] = None,
+                  make_batch: Optional[Callable[[], tuple]] = None) -> dict:
     """``build(method) -> nn.Module`` gives a patched network in training mode (BatchNorm handled
-    by the caller). Returns {"methods": {name: {"forward_s", "backward_s", "optimizer_s", "step_s"}},
+    by the caller); ``make_batch() -> (x, y)`` the random batch every method sees (after ``torch.manual_seed(seed)``;
+    default: images of resolution x resolution and one of ``num_classes`` labels each). Returns {"methods": {name: {"forward_s", "backward_s", "optimizer_s", "step_s"}},
     "ratios_to_vanilla": {name: {"forward", "backward", "step"}} (time ratios; < 1 is faster),
     "speedup_vs_vanilla": {name: vanilla step / method step}, and with per_layer "per_layer"}."""
     device = torch.device(device)
@@ -47,13 +48,10 @@ def run_benchmark(build: Callable[[str], nn.Module], methods: Sequence[str], bat
         params = [p for p in net.parameters() if p.requires_grad]
         opts[m] = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
     torch.manual_seed(seed)
-    first = nets[methods[0]]
-    if getattr(first, "is_language_model", False):  # token ids (batch_size, resolution = sequence length)
-        x = {k: v.to(device) for k, v in first.random_input(batch_size, resolution).items()}
-    else:
-        x = torch.randn(batch_size, 3, resolution, resolution, device=device)
-    y_shape = (batch_size, resolution, resolution) if pixel_targets else (batch_size,)  # segmentation: label maps
-    y = torch.randint(0, num_classes, y_shape, device=device)
+    x, y = make_batch() if make_batch is not None else (torch.randn(batch_size, 3, resolution, resolution),
+                                                         torch.randint(0, num_classes, (batch_size,)))
+    x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+    y = y.to(device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     times = {m: {"forward_s": [], "backward_s": [], "optimizer_s": [], "step_s": []} for m in methods}
     for it in range(warmup + steps):
@@ -149,7 +147,7 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
                      warmup: int = 1, per_layer: bool = False, device: str = "auto", progress: bool = True) -> dict:
     """``main.py benchmark``: one ClassificationModel per method from the same --model arguments (random
     weights), timed by :func:`run_benchmark`. Returns the JSON object the command prints."""
-    from .backbones import get_spec
+    from .finetune import user_option_defaults
     from .model import MODEL_METHODS, ClassificationModel
 
     unknown = [m for m in methods if m.partition("+")[0] not in MODEL_METHODS or m.partition("+")[2] not in VARIANTS]
@@ -167,19 +165,18 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
                  "recompute": variant == "recompute" or (not variant and bool(args.get("recompute")))}
         module = ClassificationModel(method=method, **{**args, **flags})
         module.train()  # set_bn_eval is applied by ClassificationModel.train
-        criterion.setdefault("fn", module.criterion)  # the model's own loss (segmentation: mmseg's pixel loss)
+        first.setdefault("module", module)  # its loss (segmentation: mmseg's pixel loss) and its task's batches
         return module.net
 
-    criterion: dict = {}
+    first: dict = {}
 
     say = (lambda msg: print(f"[benchmark] {msg}", flush=True)) if progress else None
     result = run_benchmark(build, list(methods), batch_size, resolution, num_classes=args.get("num_classes", 10),
                            steps=steps, warmup=warmup, per_layer=per_layer, device=device, progress=say,
-                           pixel_targets=get_spec(args["backbone"]).task == "segmentation",
-                           loss_fn=lambda out, y: criterion["fn"](out, y))
+                           loss_fn=lambda out, y: first["module"].criterion(out, y),
+                           make_batch=lambda: first["module"].random_batch(batch_size, resolution))
     config = {"model": args.get("backbone"), "num_finetune": args.get("num_finetune"), "batch_size": batch_size,
               "resolution": resolution, "steps": steps, "warmup": warmup, "device": str(device),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "options": {"ranks": args.get("ranks"), "eps": args.get("eps"), "radius": args.get("radius"),
-                          "warm_start": args.get("warm_start"), "lean": args.get("lean")}}
+              "options": {**{k: args.get(k) for k in user_option_defaults()}, "lean": args.get("lean")}}
     return {"config": config, **result}

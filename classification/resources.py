@@ -35,6 +35,8 @@ from asi_core import accounting
 from asi_core.lean import SavedTensorMeter
 from asi_core.recompute import RecomputeMeter
 
+from .finetune import LoRA, method_info
+
 __all__ = ["ActivationMeter", "layer_reports", "totals", "resource_summary", "profile_step", "profile_report",
            "MASK_DTYPES"]
 
@@ -187,6 +189,20 @@ def profile_step(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = 
     return out
 
 
+def reported_options(net: nn.Module, hp) -> dict:
+    """The method's own options as ``profile`` reports them (``Option.reported``): as set, or the patched layers'
+    values where those differ per layer (the gradient filter's radii of the segmentation layer sets, Table 3)."""
+    layers = [layer for _, layer in asi_core.patched_layers(net)]
+    out = {}
+    for k, opt in method_info(hp.method).user_options.items():
+        if not opt.reported:
+            continue
+        values = [(layer.options or {}).get(k) for layer in layers]
+        differ = hp.get(k) is not None and len({repr(v) for v in values}) > 1
+        out[k] = values if differ else hp.get(k)
+    return out
+
+
 def profile_report(model: nn.Module, batch_size: int, resolution: int, device: str = "auto",
                    seed: int = 0, max_length: Optional[int] = None) -> dict:
     """``main.py profile``: one training step of a ``ClassificationModel`` (its hparams name the backbone,
@@ -204,30 +220,24 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        if text:
-            x = {k: v.to(device) for k, v in net.random_input(batch_size, max_length or resolution).items()}
-        else:
-            x = torch.randn(batch_size, 3, resolution, resolution, generator=gen).to(device)
-        y = (model.random_targets(batch_size, resolution) if hasattr(model, "random_targets")
-             else torch.randint(0, hp.num_classes, (batch_size,))).to(device)  # (B,), or (B, H, W) for segmentation
+        x, y = model.random_batch(batch_size, (max_length or resolution) if text else resolution, gen)
+        x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+        y = y.to(device)  # (B,), or (B, H, W) for segmentation (the task's labels)
         if fake_mode is None:
             model.to(device)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
         res = profile_step(model, x, y, optimizer=optimizer)
-    radii = [getattr(layer.method, "radius", None) for _, layer in asi_core.patched_layers(net)]
-    radius = radii if len(set(radii)) > 1 else hp.radius  # per-layer radii: the segmentation layer sets (Table 3)
-    options = {"asi": {"ranks": hp.ranks}, "hosvd": {"eps": hp.eps}, "gradfilter": {"radius": radius},
-               "gradfilter_paper": {"radius": radius}}
+    options = reported_options(net, hp)
     shape = {"max_length": max_length or resolution} if text else {"resolution": resolution}
     out = {"model": hp.backbone, "method": hp.method, "num_finetune": hp.num_finetune,
-           "batch_size": batch_size, **shape, **options.get(hp.method, {}),
+           "batch_size": batch_size, **shape, **options,
            "lean": hp.method != "vanilla" if hp.lean is None else bool(hp.lean), "device": str(device),
            "checkpointing": bool(hp.get("checkpointing")), "recompute": bool(hp.get("recompute")),
            "recomputed_segments": list(getattr(model, "recomputed", []))}
     if getattr(hp, "train_bn_affine", False):
         out["train_bn_affine"] = True
     if text:
-        out.update(lora=bool(hp.get("lora")) or hp.method == "lora", shape_only=fake_mode is not None)
+        out.update(lora=bool(hp.get("lora")) or hp.method == LoRA.name, shape_only=fake_mode is not None)
     keys = ("activation_mib", "measured_activation_mib", "measured_layers_mib", "measured_mask_mib",
             "forward_gflops", "backward_gflops", "overhead_gflops", "core_gflops", "input_grad_gflops",
             "train_gflops", "paper_gflops", "total_gflops", "measured_recompute_peak_mib")
