@@ -3,16 +3,22 @@
 ``ASICLI`` is a LightningCLI over ``ClassificationModel`` and ``ClassificationData`` that adds:
 
 * a run directory ``runs/setup<A|B>/<model>/<dataset>/<method>/<exp_name>/`` holding TensorBoard and
-  CSV logs, the resolved ``config.yaml``, ``checkpoints/{best,last}.ckpt`` and ``metrics.json``;
+  CSV logs, the resolved ``config.yaml``, ``checkpoints/{best,last}.ckpt`` and ``metrics.json``; whether a command
+  starts, resumes, does nothing or is refused is decided by classification/lifecycle.py;
 * setup B plumbing: a half-1 (pretraining) fit exports its weights to ``ckpts/setupB/<model>_<dataset>.ckpt``,
   which half-2 (fine-tuning) runs load by default as ``--model.checkpoint``;
+* the subcommands ``profile``, ``benchmark`` and ``measure`` (classification/trainer.py);
 * the paper's trainer defaults (L2 gradient clipping 2.0) and a Rich progress bar.
+
+Everything goes through LightningCLI's public API: the subcommands are methods of the ``trainer_class``
+(``ASITrainer``) named in ``subcommands()``, the CLI's work happens in its hooks (``parse_arguments``,
+``before_instantiate_classes``, ``instantiate_trainer``, ``before_<subcommand>`` / ``after_<subcommand>``).
 
 Adding a subcommand
 -------------------
-One method on ``ASICLI`` (or a subclass) decorated with ``@subcommand``. It receives the instantiated
-``model`` and ``datamodule`` (and can use ``self.trainer`` / ``self.run_dir``); its other typed,
-documented parameters become the subcommand's options::
+A method of ``ASITrainer`` named in its ``SUBCOMMANDS`` (classification/trainer.py), or one method on ``ASICLI`` (or
+a subclass) decorated with ``@subcommand``. It receives the instantiated ``model`` and ``datamodule`` (and can use
+``self.trainer`` / ``self.run_dir``); its other typed, documented parameters become the subcommand's options::
 
     @subcommand
     def measure(self, model, datamodule, batches: int = 5):
@@ -22,8 +28,8 @@ documented parameters become the subcommand's options::
             batches: number of training batches to average over.
         '''
 
-``@subcommand(nested=True)`` puts the options under the subcommand's name instead (``--measure.epsilons``: the
-real ``measure`` subcommand below, classification/measure.py).
+Options nested under the subcommand's name (``--measure.epsilons``) are one dataclass parameter of that name (the
+real ``measure`` subcommand, classification/trainer.py).
 
 A command that needs no model (e.g. a report over finished runs) is one entry in
 ``STANDALONE_COMMANDS`` (name -> function); its signature becomes its options (jsonargparse.CLI), and a first
@@ -31,36 +37,29 @@ parameter typed as a list takes the words before the first option (``report runs
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
-import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, List, Literal, Optional, Union
+from typing import Callable, Optional, Union
 
-import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, _get_short_description
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-import asi_core
-
-from .backbones import MODELS, ckpt_dir
+from .backbones import MODELS
 from .callbacks import ResourceAccounting, RunStatus, WeightsDigest
 from .data import DATASETS, ClassificationData, check_data_options, input_shape_of, num_classes_of
+from .lifecycle import (Run, RunRefused, checkpoint_provenance, file_sha256,  # noqa: F401 (re-exported)
+                        setup_b_checkpoint)
 from .llm import is_llm, source_of as tokenizer_source
-from .measure import PAPER_EPSILONS, PERPLEXITY_FILE, measure_exp_name
-from .model import (ASI_DEFAULT_RANKS, MODEL_METHODS, ClassificationModel, RandomBackboneWarning, check_model_options,
-                    load_checkpoint_file)
+from .measure import measure_exp_name
+from .model import ASI_DEFAULT_RANKS, MODEL_METHODS, ClassificationModel, RandomBackboneWarning, check_model_options
 from .report import report
-from .rundir import (METRICS_FILE, default_exp_name, read_metrics, run_dir, run_settings, settings_diff,
-                     settings_hash, write_metrics)
+from .rundir import default_exp_name, run_dir, run_settings, settings_hash, write_metrics
+from .trainer import ASITrainer
 
 # The paper's recipe (App. B.1) where it is a Trainer setting; every key stays overridable.
 TRAINER_DEFAULTS = {"gradient_clip_val": 2.0, "gradient_clip_algorithm": "norm", "max_epochs": 50,
@@ -70,49 +69,10 @@ STANDALONE_COMMANDS: dict[str, Callable] = {}
 STANDALONE_COMMANDS["report"] = report
 
 
-def subcommand(fn: Optional[Callable] = None, *, defaults: Optional[dict] = None, nested: bool = False) -> Callable:
-    """Mark an ``ASICLI`` method as a subcommand named like the method. ``@subcommand(defaults={"model.ranks": 1})``
-    also changes parser defaults for that subcommand only (a --config file or a command-line value still wins).
-    ``@subcommand(nested=True)`` puts the method's options under its name: ``measure --measure.epsilons ...``
-    (and a ``measure:`` section in a config file) instead of ``--epsilons``."""
-    if fn is None:
-        return lambda f: subcommand(f, defaults=defaults, nested=nested)
-    fn._asi_subcommand = True
-    fn._asi_defaults = dict(defaults or {})
-    fn._asi_nested = nested
+def subcommand(fn: Callable) -> Callable:
+    """Mark an ``ASICLI`` method as a subcommand named like the method (see the module docstring)."""
+    fn.asi_subcommand = True
     return fn
-
-
-def setup_b_checkpoint(backbone: str, dataset: str) -> Path:
-    """Where a setup-B pretraining run (half 1) exports its weights and where fine-tuning looks for them."""
-    return ckpt_dir() / "setupB" / f"{backbone}_{dataset}.ckpt"
-
-
-def file_sha256(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _export_source(path: Path) -> Optional[str]:
-    """The run that exported a setup-B checkpoint (its ``source_run``), None when unknown or unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True).get("source_run")
-    except Exception:
-        return None
-
-
-def checkpoint_provenance(path: Union[str, Path]) -> dict:
-    """What metrics.json records about the weights a run started from: path, SHA-256 and, for a setup-B export,
-    the run that produced it."""
-    path = Path(path)
-    out = {"path": str(path.resolve()), "sha256": file_sha256(path)}
-    src = _export_source(path)
-    if src is not None:
-        out["source_run"] = src
-    return out
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -130,69 +90,69 @@ class RunConfigSaver(SaveConfigCallback):
         self.already_saved = True
 
 
+class ASIArgumentParser(LightningArgumentParser):
+    """A LightningArgumentParser that keeps the action holding its subcommand parsers (what jsonargparse's
+    ``add_subcommands`` returns), so that the CLI's own errors print the subcommand's usage as jsonargparse's do."""
+
+    subcommands_action = None
+
+    def add_subcommands(self, *args, **kwargs):
+        self.subcommands_action = super().add_subcommands(*args, **kwargs)
+        return self.subcommands_action
+
+    def subcommand_parser(self, name: Optional[str]) -> ArgumentParser:
+        """The parser of subcommand ``name`` (argparse's subparsers action maps names to parsers in ``choices``);
+        this parser itself for None (no subcommand: ``run=False``)."""
+        return self if name is None else self.subcommands_action.choices[name]
+
+
 class ASICLI(LightningCLI):
     def __init__(self, args=None, run: bool = True, **kwargs):
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)  # the recipe lives in ClassificationModel
+        kwargs.setdefault("parser_class", ASIArgumentParser)
+        kwargs.setdefault("trainer_class", self.trainer_with_subcommands())
         self.run_dir: Optional[Path] = None
+        self.lifecycle: Optional[Run] = None  # the run directory's state machine (classification/lifecycle.py)
+        self._ckpt_path: Optional[str] = None  # --ckpt_path as given, kept from LightningCLI (parse_arguments)
         super().__init__(ClassificationModel, ClassificationData, args=args, run=run, **kwargs)
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning's CLI would replace the command's --model options by the checkpoint's hyper-parameters, so that a
-        resume silently trains other settings than the command says. Here the command's settings stay, and
-        ``_check_checkpoint_settings`` refuses a checkpoint made with other ones, listing the differences."""
-
-    # ------------------------------------------------------------------ subcommand registry
+    # ------------------------------------------------------------------ subcommands
     @classmethod
-    def extra_subcommands(cls) -> list[str]:
+    def cli_subcommands(cls) -> list[str]:
+        """The ``@subcommand`` methods of this class and its bases."""
         names = []
         for klass in reversed(cls.__mro__):
-            names += [n for n, f in vars(klass).items() if getattr(f, "_asi_subcommand", False) and n not in names]
+            names += [n for n, f in vars(klass).items() if getattr(f, "asi_subcommand", False) and n not in names]
         return names
+
+    @classmethod
+    def extra_subcommands(cls) -> list[str]:
+        return list(ASITrainer.SUBCOMMANDS) + [n for n in cls.cli_subcommands() if n not in ASITrainer.SUBCOMMANDS]
 
     @classmethod
     def subcommands(cls) -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), **{n: {"model", "datamodule"} for n in cls.extra_subcommands()}}
 
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
-        # As LightningCLI's, except that a subcommand may be a method of this class instead of the Trainer's.
-        self._subcommand_parsers = {}
-        parser_subcommands = parser.add_subcommands()
-        extra = self.extra_subcommands()
-        for name in self.subcommands():
-            owner = type(self) if name in extra else self.trainer_class
-            description = _get_short_description(getattr(owner, name))
-            sub_kwargs = dict(kwargs.get(name, {}))
-            sub_kwargs.setdefault("description", description)
-            self._subcommand_parsers[name] = self._prepare_subcommand_parser(owner, name, **sub_kwargs)
-            self._subcommand_parsers[name].set_defaults(getattr(getattr(owner, name), "_asi_defaults", {}))
-            parser_subcommands.add_subcommand(name, self._subcommand_parsers[name], help=description)
+    @classmethod
+    def trainer_with_subcommands(cls) -> type[Trainer]:
+        """``ASITrainer``, with this class's ``@subcommand`` methods added: LightningCLI builds a subcommand's parser
+        from the trainer class's method of that name, and runs the CLI's own method of that name where it has one."""
+        own = {n: getattr(cls, n) for n in cls.cli_subcommands()}
+        return type(f"{cls.__name__}Trainer", (ASITrainer,), own) if own else ASITrainer
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand not in self.extra_subcommands():
-            return super()._run_subcommand(subcommand)
-        for hook in (f"before_{subcommand}", subcommand, f"after_{subcommand}"):
-            fn = getattr(self, hook, None)
-            if callable(fn):
-                fn(**self._prepare_subcommand_kwargs(subcommand)) if hook == subcommand else fn()
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
-        if not getattr(getattr(klass, subcommand), "_asi_nested", False):
-            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        parser = self.init_parser(**kwargs)  # as LightningCLI's, with the options nested under the name
-        self._add_arguments(parser)
-        self._subcommand_method_arguments[subcommand] = parser.add_method_arguments(
-            klass, subcommand, nested_key=subcommand, skip=set(self.subcommands()[subcommand]))
-        return parser
-
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
-        if not getattr(getattr(type(self), subcommand, None), "_asi_nested", False):
-            return super()._prepare_subcommand_kwargs(subcommand)
-        cfg = self.config_init[subcommand]
-        return {"model": self.model, "datamodule": self.datamodule,
-                **{k.split(".", 1)[1]: cfg[k] for k in self._subcommand_method_arguments[subcommand]}}
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then keep --ckpt_path away from LightningCLI until ``before_instantiate_classes``: given one, it
+        would replace the command's --model options by the checkpoint's hyper-parameters, so that a resume silently
+        trains other settings than the command says. Here the command's settings stay, and the run's lifecycle
+        refuses a checkpoint made with other ones, listing the differences (``Run.check_checkpoint``)."""
+        super().parse_arguments(parser, args)
+        name = self.config.get("subcommand")
+        section = self.config.get(name) if name else None
+        if section is not None and section.get("ckpt_path") is not None:
+            self._ckpt_path, section.ckpt_path = section.ckpt_path, None
 
     # ------------------------------------------------------------------ parser
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -213,73 +173,28 @@ class ASICLI(LightningCLI):
         parser.link_arguments(("data.batch_size", "data.resolution", "data.name", "data.max_length"), "model.input_shape",
                               compute_fn=input_shape_of)
 
-    def _section(self) -> Namespace:
-        return self.config[self.subcommand] if self.subcommand else self.config
+    def _section(self, cfg: Optional[Namespace] = None) -> Namespace:
+        """The subcommand's part of ``cfg`` (default: the parsed config), all of it without a subcommand."""
+        cfg = self.config if cfg is None else cfg
+        return cfg[self.subcommand] if self.subcommand else cfg
+
+    def _subparser(self) -> ArgumentParser:
+        return self.parser.subcommand_parser(self.subcommand)
+
+    def _error(self, msg: str):
+        self._subparser().error(msg)
 
     def _check_choices(self, cfg: Namespace) -> None:
         for what, value, choices in (("model", cfg.model.backbone, MODELS), ("dataset", cfg.data.name, DATASETS),
                                      ("method", cfg.model.method, MODEL_METHODS)):
             if value not in choices:
-                self._parser(self.subcommand).error(
-                    f"Unknown {what} {value!r}; valid choices: {', '.join(choices)}")
+                self._error(f"Unknown {what} {value!r}; valid choices: {', '.join(choices)}")
         model_task, data_task = MODELS[cfg.model.backbone].task, DATASETS[cfg.data.name].task
         if model_task != data_task:
             same = [n for n, s in DATASETS.items() if s.task == model_task]
-            self._parser(self.subcommand).error(
-                f"--model.backbone {cfg.model.backbone} is a {model_task} model but --data.name {cfg.data.name} is a "
-                f"{data_task} dataset; choose one of {', '.join(same)} (or a {data_task} model)")
-
-    def before_instantiate_classes(self) -> None:
-        cfg = self._section()
-        self._check_config_sections(cfg)
-        self._check_choices(cfg)
-        m, d = cfg.model, cfg.data
-        if self.subcommand == "measure":  # the fit's weights; vanilla, every layer trainable (nothing is optimised)
-            m.method, m.num_finetune, m.ranks, m.perplexity_file, m.budget = "vanilla", "all", None, None, None
-        if self.subcommand == "profile" and m.ranks is None and m.get("perplexity_file") is None:
-            m.ranks = 1  # profile's asi default (fit's: 4); given ranks or a perplexity file win
-        if self.subcommand == "benchmark" and m.ranks is None and m.get("perplexity_file") is None:
-            m.ranks = 2  # benchmark's asi default: rank 2 on every mode (the paper's latency setting)
-        self._check_numbers(cfg)
-        if self.subcommand == "profile" and m.get("shape_only") is None and is_llm(m.backbone):
-            m.shape_only = True  # an LLM's profile runs shape-only (FakeTensorMode): real shapes, no arithmetic
-        if d.get("tokenizer") is None and DATASETS[d.name].kind == "text" and is_llm(m.backbone):
-            d.tokenizer = tokenizer_source(m.backbone, m.get("name_or_path"))  # the model's own tokenizer
-        if self.subcommand in ("profile", "benchmark"):  # random weights on random input: nothing to load or download
-            m.pretrained = False
-            warnings.filterwarnings("ignore", category=RandomBackboneWarning)
-        elif d.setup == "B" and d.half == 2 and m.checkpoint is None:
-            default = setup_b_checkpoint(m.backbone, d.name)
-            if not default.is_file():
-                self._parser(self.subcommand).error(
-                    f"setup B fine-tuning (half 2) starts from a checkpoint pretrained on half 1: pass "
-                    f"--model.checkpoint, or create {default} with a pretraining run (--data.half 1 "
-                    f"--model.method vanilla --model.num_finetune all, configs/recipes/setupB_pretrain.yaml)")
-            m.checkpoint = str(default)
-        if cfg.trainer.default_root_dir:
-            self.run_dir = Path(cfg.trainer.default_root_dir)
-        else:
-            ranks = ASI_DEFAULT_RANKS if m.ranks is None else m.ranks
-            # a readable prefix (what differs between runs of one method) + a digest of every setting that changes
-            # the result (model, data, seed), so two runs with different settings never share a directory
-            tag = settings_hash(run_settings(m.as_dict(), d.as_dict(), cfg.get("seed_everything")))
-            exp = cfg.exp_name or (("pretrain" if d.setup == "B" and d.half == 1 else
-                                    default_exp_name(m.method, m.num_finetune, ranks, m.eps, self._radius_name(m),
-                                                     m.budget, m.warm_start)) + f"_{tag}")
-            kind = m.method
-            if self.subcommand == "measure":
-                kind, exp = "measure", cfg.exp_name or measure_exp_name(cfg.measure.num_finetune, d.batch_size,
-                                                                        d.resolution)
-            self.run_dir = run_dir(cfg.run_root, d.setup, m.backbone, d.name, kind, exp)
-            cfg.trainer.default_root_dir = str(self.run_dir)
-        if self.subcommand == "fit":  # (None: run=False, the classes are built and nothing runs)
-            self._prepare_fit(cfg)
-        elif self.subcommand in ("validate", "test"):
-            self._prepare_evaluation(cfg)
-
-    # ------------------------------------------------------------------ run lifecycle
-    def _error(self, msg: str):
-        self._parser(self.subcommand).error(msg)
+            self._error(f"--model.backbone {cfg.model.backbone} is a {model_task} model but --data.name "
+                        f"{cfg.data.name} is a {data_task} dataset; choose one of {', '.join(same)} (or a {data_task} "
+                        f"model)")
 
     def _check_config_sections(self, cfg: Namespace) -> None:
         """A --config file whose ``model:``/``data:``/``trainer:`` is not a mapping (``model: [1, 2, 3]``) would
@@ -317,142 +232,64 @@ class ASICLI(LightningCLI):
         except ValueError as err:
             self._error(str(err))
 
-    def _settings_of(self, cfg: Namespace, full: bool = True) -> dict:
-        return run_settings(cfg.model.as_dict(), cfg.data.as_dict(), cfg.get("seed_everything"),
-                            cfg.trainer.as_dict() if full else None)
+    # ------------------------------------------------------------------ before instantiation
+    def before_instantiate_classes(self) -> None:
+        cfg = self._section()
+        if self._ckpt_path is not None:
+            cfg.ckpt_path = self._ckpt_path  # (parse_arguments)
+        self._check_config_sections(cfg)
+        self._check_choices(cfg)
+        self._subcommand_defaults(cfg)
+        self._check_numbers(cfg)
+        self._derived_options(cfg)
+        self.run_dir = self._resolve_run_dir(cfg)
+        if not cfg.trainer.default_root_dir:
+            cfg.trainer.default_root_dir = str(self.run_dir)
+        self._prepare_run(cfg)
 
-    def _is_launcher(self) -> bool:
-        """False in the processes a DDP launcher starts (they re-run this command): they must neither refuse nor
-        delete what the first process already decided about."""
-        return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    def _subcommand_defaults(self, cfg: Namespace) -> None:
+        m = cfg.model
+        if self.subcommand == "measure":  # the fit's weights; vanilla, every layer trainable (nothing is optimised)
+            m.method, m.num_finetune, m.ranks, m.perplexity_file, m.budget = "vanilla", "all", None, None, None
+        if self.subcommand == "profile" and m.ranks is None and m.get("perplexity_file") is None:
+            m.ranks = 1  # profile's asi default (fit's: 4); given ranks or a perplexity file win
+        if self.subcommand == "benchmark" and m.ranks is None and m.get("perplexity_file") is None:
+            m.ranks = 2  # benchmark's asi default: rank 2 on every mode (the paper's latency setting)
 
-    def _checkpoint_run(self, ckpt: Path) -> Optional[Path]:
-        """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt``), or None for a loose file."""
-        run = ckpt.parent.parent
-        if ckpt.parent.name == "checkpoints" and ((run / METRICS_FILE).is_file() or (run / "config.yaml").is_file()):
-            return run
-        return None
+    def _derived_options(self, cfg: Namespace) -> None:
+        m, d = cfg.model, cfg.data
+        if self.subcommand == "profile" and m.get("shape_only") is None and is_llm(m.backbone):
+            m.shape_only = True  # an LLM's profile runs shape-only (FakeTensorMode): real shapes, no arithmetic
+        if d.get("tokenizer") is None and DATASETS[d.name].kind == "text" and is_llm(m.backbone):
+            d.tokenizer = tokenizer_source(m.backbone, m.get("name_or_path"))  # the model's own tokenizer
+        if self.subcommand in ("profile", "benchmark"):  # random weights on random input: nothing to load or download
+            m.pretrained = False
+            warnings.filterwarnings("ignore", category=RandomBackboneWarning)
+        elif d.setup == "B" and d.half == 2 and m.checkpoint is None:
+            default = setup_b_checkpoint(m.backbone, d.name)
+            if not default.is_file():
+                self._error(f"setup B fine-tuning (half 2) starts from a checkpoint pretrained on half 1: pass "
+                            f"--model.checkpoint, or create {default} with a pretraining run (--data.half 1 "
+                            f"--model.method vanilla --model.num_finetune all, configs/recipes/setupB_pretrain.yaml)")
+            m.checkpoint = str(default)
 
-    def _check_checkpoint_settings(self, cfg: Namespace, ckpt: Path, what: str, data_too: bool) -> None:
-        """The checkpoint's model (and data) settings must be the command's: an error lists every difference."""
-        try:
-            obj = load_checkpoint_file(ckpt, what)
-        except (OSError, ValueError) as err:
-            self._error(str(err))
-        if not isinstance(obj, dict) or "state_dict" not in obj:
-            self._error(f"{what} {ckpt} is not a Lightning checkpoint of this project (no 'state_dict'); resume from "
-                        f"a run's checkpoints/last.ckpt, or start from plain weights with --model.checkpoint")
-        hp = obj.get("hyper_parameters") or {}
-        dhp = obj.get("datamodule_hyper_parameters") or {}
-        seed = cfg.get("seed_everything")
-        # options both sides know (a checkpoint older than an option says nothing about it)
-        model_keys = [k for k in cfg.model.as_dict() if k in hp]
-        data_keys = [k for k in cfg.data.as_dict() if k in dhp] if data_too else []
-        mine = run_settings({k: cfg.model[k] for k in model_keys}, {k: cfg.data[k] for k in data_keys}, seed)
-        theirs = run_settings({k: hp[k] for k in model_keys}, {k: dhp[k] for k in data_keys}, seed)
-        diff = settings_diff(theirs, mine)
-        if diff:
-            self._error(f"{what} {ckpt} was made with other settings than this command's ({len(diff)} "
-                        f"difference(s), checkpoint -> command): " + "; ".join(diff)
-                        + ". Give the checkpoint's settings (its run's config.yaml: --config <run>/config.yaml), or "
-                          "start a new run without " + what)
-
-    def _has_run(self) -> bool:
-        return (self.run_dir / METRICS_FILE).is_file() or any((self.run_dir / "checkpoints").glob("*.ckpt"))
-
-    def _describe_run(self) -> str:
-        old = read_metrics(self.run_dir)
-        status = old.get("status") or ("finished" if "epochs_completed" in old else "interrupted or running")
-        step = old.get("global_step")
-        return f"{status}{f' at step {step}' if step is not None else ''}"
-
-    def _clear_run(self) -> None:
-        for name in (METRICS_FILE, "config.yaml"):
-            (self.run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
-
-    def _prepare_fit(self, cfg: Namespace) -> None:
-        """Never lose or silently overwrite work: decide, before anything runs, whether this fit starts, resumes
-        (from which checkpoint), does nothing (--resume on a finished run) or is refused."""
-        launcher = self._is_launcher()
-        last = self.run_dir / "checkpoints" / "last.ckpt"
-        if cfg.ckpt_path == "last":
-            cfg.ckpt_path = str(last) if last.is_file() else None
-            if cfg.ckpt_path is None:
-                print(f"--ckpt_path last: {self.run_dir} has no checkpoints/last.ckpt yet; starting the run",
-                      file=sys.stderr)
-        if cfg.overwrite and cfg.resume:
-            self._error("--overwrite true (redo the run) and --resume true (continue it) exclude each other")
-        if cfg.ckpt_path is None and cfg.resume and self._has_run():
-            old = read_metrics(self.run_dir)
-            old_settings, new_settings = old.get("run_settings"), self._settings_of(cfg)
-            if old_settings is not None and old_settings != new_settings:
-                if launcher:
-                    self._error(f"--resume: {self.run_dir} holds a run ({self._describe_run()}) made with other "
-                                f"settings (run -> command): " + "; ".join(settings_diff(old_settings, new_settings))
-                                + ". Redo it with --overwrite true, or name another run (--exp_name / --run_root)")
-            elif old_settings is None and "epochs_completed" in old:
-                if launcher:
-                    self._error(f"--resume: {self.run_dir} holds a finished run that recorded no settings (made "
-                                f"before they were kept); whether it matches this command cannot be told. Keep it "
-                                f"(leave it out of the sweep) or redo it with --overwrite true")
-            elif old.get("status") in ("finished", "diverged"):
-                if launcher:
-                    print(f"done: {self.run_dir} already ran to its end with these settings (status "
-                          f"{old['status']}, metrics.json); nothing to do", file=sys.stderr)
-                raise SystemExit(0)
-            elif last.is_file():
-                cfg.ckpt_path = str(last)
-                if launcher:
-                    print(f"--resume: continuing {self.run_dir} from {last}", file=sys.stderr)
-            elif launcher:
-                self._clear_run()  # interrupted before its first checkpoint: nothing to keep
-        if cfg.ckpt_path is not None:
-            ckpt = Path(cfg.ckpt_path)
-            self._check_checkpoint_settings(cfg, ckpt, "--ckpt_path", data_too=True)
-            owner = self._checkpoint_run(ckpt)
-            if owner is not None and owner.resolve() != self.run_dir.resolve():
-                self._error(f"--ckpt_path {ckpt} belongs to the run {owner}, but this command writes to "
-                            f"{self.run_dir}. Resume a run into its own directory (same settings, --exp_name and "
-                            f"--run_root), or start from its weights in a new run with --model.checkpoint {ckpt}")
-            if owner is None and launcher and self._has_run() and not cfg.overwrite:
-                self._error(f"{self.run_dir} already holds a run ({self._describe_run()}); resuming the loose "
-                            f"checkpoint {ckpt} would write over it. Use another --exp_name, or --overwrite true")
-            return
-        if launcher and self._has_run():
-            if not cfg.overwrite:
-                self._error(
-                    f"{self.run_dir} already holds a run ({self._describe_run()}); it is never overwritten silently. "
-                    f"Continue it with --ckpt_path last (or --resume true), redo it with --overwrite true, or "
-                    f"name another run with --exp_name")
-            print(f"--overwrite: discarding the run in {self.run_dir}", file=sys.stderr)
-            self._clear_run()
-        d = cfg.data
-        if launcher and d.setup == "B" and d.half == 1:
-            dst = setup_b_checkpoint(cfg.model.backbone, d.name)
-            if dst.is_file() and not cfg.overwrite:
-                src = _export_source(dst)
-                if src is None or Path(src).resolve() != self.run_dir.resolve():
-                    self._error(f"{dst} already exists (exported by {src or 'an unknown run'}); this pretraining "
-                                f"would replace it. Pass --overwrite true to replace it, or move it away first")
-
-    def _prepare_evaluation(self, cfg: Namespace) -> None:
-        """validate/test: default to the run's best checkpoint; never evaluate untrained weights into a trained run."""
-        best = self.run_dir / "checkpoints" / "best.ckpt"
-        if cfg.ckpt_path is None:
-            if best.is_file():
-                cfg.ckpt_path = str(best)
-                print(f"{self.subcommand}: using the run's best checkpoint {best}", file=sys.stderr)
-            elif self._has_run():
-                self._error(f"{self.run_dir} holds a trained run but no checkpoints/best.ckpt: give the weights to "
-                            f"{self.subcommand} with --ckpt_path (evaluating the untrained model would replace "
-                            f"the run's results)")
-            else:
-                print(f"{self.subcommand}: no run with these settings in {self.run_dir} (no checkpoints/best.ckpt): "
-                      f"evaluating the model as built, untrained. To evaluate a fit, give the same settings as "
-                      f"its fit (or its --exp_name), or --ckpt_path", file=sys.stderr)
-        elif cfg.ckpt_path not in ("best", "last"):
-            self._check_checkpoint_settings(cfg, Path(cfg.ckpt_path), "--ckpt_path", data_too=False)
+    def _resolve_run_dir(self, cfg: Namespace) -> Path:
+        """--trainer.default_root_dir, else ``<run_root>/setup<X>/<model>/<dataset>/<method>/<exp_name>``."""
+        if cfg.trainer.default_root_dir:
+            return Path(cfg.trainer.default_root_dir)
+        m, d = cfg.model, cfg.data
+        ranks = ASI_DEFAULT_RANKS if m.ranks is None else m.ranks
+        # a readable prefix (what differs between runs of one method) + a digest of every setting that changes
+        # the result (model, data, seed), so two runs with different settings never share a directory
+        tag = settings_hash(run_settings(m.as_dict(), d.as_dict(), cfg.get("seed_everything")))
+        exp = cfg.exp_name or (("pretrain" if d.setup == "B" and d.half == 1 else
+                                default_exp_name(m.method, m.num_finetune, ranks, m.eps, self._radius_name(m),
+                                                 m.budget, m.warm_start)) + f"_{tag}")
+        kind = m.method
+        if self.subcommand == "measure":
+            kind, exp = "measure", cfg.exp_name or measure_exp_name(cfg.measure.num_finetune, d.batch_size,
+                                                                    d.resolution)
+        return run_dir(cfg.run_root, d.setup, m.backbone, d.name, kind, exp)
 
     @staticmethod
     def _radius_name(m) -> Union[int, str]:
@@ -461,128 +298,82 @@ class ASICLI(LightningCLI):
 
         return "authors" if m.get("layers") is None and layer_set(m.backbone, m.num_finetune) else m.radius
 
+    def _settings_of(self, cfg: Namespace, full: bool = True) -> dict:
+        return run_settings(cfg.model.as_dict(), cfg.data.as_dict(), cfg.get("seed_everything"),
+                            cfg.trainer.as_dict() if full else None)
+
+    def _prepare_run(self, cfg: Namespace) -> None:
+        """Decide, before anything runs, what the command does with its run directory (classification/lifecycle.py):
+        a fit starts, resumes, does nothing (exit 0) or is refused; validate/test pick the run's best checkpoint.
+        (No subcommand, ``run=False``: the classes are built and nothing runs.)"""
+        self.lifecycle = Run(self.run_dir, cfg.model.as_dict(), cfg.data.as_dict(), cfg.get("seed_everything"),
+                             cfg.trainer.as_dict())
+        try:
+            if self.subcommand == "fit":
+                decision = self.lifecycle.prepare_fit(cfg.ckpt_path, cfg.resume, cfg.overwrite)
+                if decision.action == "done":
+                    raise SystemExit(0)
+                cfg.ckpt_path = decision.ckpt_path
+            elif self.subcommand in ("validate", "test"):
+                cfg.ckpt_path = self.lifecycle.prepare_evaluation(self.subcommand, cfg.ckpt_path)
+        except RunRefused as err:
+            self._error(str(err))
+
+    # ------------------------------------------------------------------ instantiation
     def after_instantiate_classes(self) -> None:
         self.datamodule.run_dir = self.run_dir
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        tcfg = self._get(self.config_init, "trainer", default={})
+        tcfg = self._section(self.config_init).get("trainer", {})
         callbacks = list(tcfg.get("callbacks") or [])
-        loggers_on = tcfg.get("logger") in (None, True)
-        if loggers_on:
+        if tcfg.get("logger") in (None, True):
             kwargs["logger"] = [TensorBoardLogger(str(self.run_dir), name="tensorboard"),
                                 CSVLogger(str(self.run_dir), name="csv")]
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        if tcfg.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        kwargs["callbacks"] = callbacks + self._standard_callbacks(tcfg, callbacks)
+        trainer = super().instantiate_trainer(**kwargs)
+        # what the subcommands of ASITrainer need besides the model and the data
+        cfg = self._section()
+        trainer.run_dir, trainer.model_args = self.run_dir, cfg.model.as_dict()
+        trainer.seed = cfg.get("seed_everything")
+        return trainer
+
+    def _standard_callbacks(self, tcfg, given: list) -> list:
+        """The run's checkpoints (best.ckpt, last.ckpt), progress bar and metrics.json recorders, where the command
+        did not give its own."""
+        out = []
+        if tcfg.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
             ckdir = str(self.run_dir / "checkpoints")
-            callbacks.append(ModelCheckpoint(dirpath=ckdir, filename="best", monitor=getattr(self.model, "monitor", "val/acc"),
-                                             mode="max",
-                                             enable_version_counter=False))
+            monitor = getattr(self.model, "monitor", "val/acc")
+            out.append(ModelCheckpoint(dirpath=ckdir, filename="best", monitor=monitor, mode="max",
+                                       enable_version_counter=False))
             # last.ckpt: the state at the end of every training epoch (after the epoch is complete, so a resume
             # starts the next epoch) and at an interruption (SIGTERM, Ctrl-C, an exception), whatever val/acc did
-            callbacks.append(ModelCheckpoint(dirpath=ckdir, filename="last", monitor=None, save_top_k=1,
-                                             save_on_train_epoch_end=True, save_on_exception=True,
-                                             enable_version_counter=False))
-        if tcfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichProgressBar())
-        callbacks.append(WeightsDigest())
+            out.append(ModelCheckpoint(dirpath=ckdir, filename="last", monitor=None, save_top_k=1,
+                                       save_on_train_epoch_end=True, save_on_exception=True,
+                                       enable_version_counter=False))
+        if tcfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            out.append(RichProgressBar())
+        out.append(WeightsDigest())
         if self.subcommand in (None, "fit"):
-            callbacks.append(RunStatus())
-        if self.subcommand in (None, "fit") and not any(isinstance(c, ResourceAccounting) for c in callbacks):
-            callbacks.append(ResourceAccounting())  # metrics.json["resources"]: memory, FLOPs, step timing
-        kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+            out.append(RunStatus())
+        if self.subcommand in (None, "fit") and not any(isinstance(c, ResourceAccounting) for c in given):
+            out.append(ResourceAccounting())  # metrics.json["resources"]: memory, FLOPs, step timing
+        return out
 
-    # ------------------------------------------------------------------ profile
-    @subcommand
-    def profile(self, model, datamodule, device: str = "auto"):
-        """One training step on random input: activation memory (analytic and measured) and FLOPs of the
-        fine-tuned layers, printed as one JSON object on the last line of stdout.
+    # ------------------------------------------------------------------ subcommand results
+    def after_profile(self) -> None:
+        self.profile_result = self.trainer.profile_result
 
-        Random weights (--model.pretrained is forced to false, no setup-B checkpoint is looked for) and a random
-        batch of shape (--data.batch_size, 3, --data.resolution, --data.resolution), for an LLM backbone random token
-        ids (--data.batch_size, tokens: --data.max_length, 65 for digits_tokens): no dataset, no download. LLMs run
-        shape-only (--model.shape_only, fake tensors: real shapes and saved tensors, no arithmetic, no memory).
-        asi uses --model.ranks, whose default is 1 here (4 for fit); ranks given on the command line or in a
-        --config file, or chosen from --model.perplexity_file, win. classification/resources.py documents the figures.
+    def after_benchmark(self) -> None:
+        self.benchmark_result = self.trainer.benchmark_result
 
-        Args:
-            device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
-        """
-        from .resources import profile_report
-
-        shape = input_shape_of(datamodule.batch_size, datamodule.resolution, datamodule.name, datamodule.max_length)
-        out = profile_report(model, datamodule.batch_size, datamodule.resolution, device,
-                             max_length=shape[1] if len(shape) == 2 else None)  # text: (batch, tokens)
-        print(json.dumps(out), flush=True)
-        self.profile_result = out
-
-    # ------------------------------------------------------------------ benchmark
-    @subcommand(nested=True)
-    def benchmark(self, model, datamodule, methods: Union[List[str], str] = "vanilla,gradfilter,hosvd,asi",
-                  steps: int = 5, warmup: int = 1, per_layer: bool = False, device: str = "auto"):
-        """Latency of training steps per method on random input, interleaved in one process (paper Fig. 5).
-
-        Builds one network per method from the --model arguments (random weights, --model.pretrained forced to
-        false) and times forward, backward and optimiser step on a random batch of shape (--data.batch_size, 3,
-        --data.resolution, --data.resolution), methods interleaved (A B C D A B C D ...) after warm-up. Prints one
-        JSON object as the last stdout line: {"config", "methods": {name: {forward_s, backward_s, optimizer_s,
-        step_s}} (medians), "ratios_to_vanilla" (time ratios, < 1 is faster), "speedup_vs_vanilla"}, and with
-        per_layer the weight-gradient computation of each fine-tuned layer timed alone. asi uses --model.ranks
-        (default 2 here: rank 2 on every mode of every layer), hosvd --model.eps, gradfilter --model.radius.
-
-        Args:
-            methods: Comma-separated (or a list) subset of vanilla,gradfilter,hosvd,asi; each may carry
-                +checkpointing or +recompute (e.g. vanilla,vanilla+checkpointing,asi) to time that variant beside it.
-            steps: Timed steps per method (medians are reported).
-            warmup: Untimed steps per method first.
-            per_layer: Also time each fine-tuned layer's weight-gradient computation alone.
-            device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
-        """
-        from .benchmark import benchmark_models
-
-        names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
-        shape = input_shape_of(datamodule.batch_size, datamodule.resolution, datamodule.name, datamodule.max_length)
-        size = shape[1] if len(shape) == 2 else datamodule.resolution  # text: tokens per sample
-        out = benchmark_models(self._section().model.as_dict(), names, datamodule.batch_size,
-                               size, steps=steps, warmup=warmup, per_layer=per_layer, device=device)
-        print(json.dumps(out), flush=True)
-        self.benchmark_result = out
-
-    # ------------------------------------------------------------------ measure
-    @subcommand(nested=True)
-    def measure(self, model, datamodule, epsilons: Union[List[float], str] = PAPER_EPSILONS, num_batches: int = 1,
-                num_finetune: Union[int, Literal["all"]] = "all", out: Optional[str] = None, overwrite: bool = False,
-                full_rank_factors: bool = False):
-        """Measure the activation perplexity table that --model.perplexity_file/--model.budget select ASI ranks from.
-
-        Per conv layer and eps (paper Sec. 3.3): the HOSVD ranks, the compressed memory (eq. 5, MiB) and the
-        activation perplexity (eq. 7) on training batches, written to perplexity.json and a PNG. The model is built
-        as fit builds it (weights, --model.checkpoint, setup B) but vanilla and never optimised: --model.method,
-        ranks and num_finetune are ignored. See classification/measure.py.
-
-        Args:
-            epsilons: Explained-variance thresholds, comma-separated ("0.4,0.5") or a list (paper: 0.4,...,0.9).
-            num_batches: K: full training batches to average the perplexity over (ranks: the largest seen).
-            num_finetune: Measure the last N conv layers, or "all"; fine-tuning may use any subset of them.
-            out: Output JSON path; default runs/setup<A|B>/<model>/<dataset>/measure/<exp_name>/perplexity.json
-                with exp_name l<num_finetune>_bs<batch_size>_res<resolution>. The PNG goes next to it.
-            overwrite: Re-measure even if the output already holds a table with the same settings.
-            full_rank_factors: Count a mode kept whole (rank = D) as a D x D factor in memory_mib, as the authors'
-                measurement does (to reproduce their rank choices; with --measure.num_batches 1 and
-                --data.batch_size 128, their protocol). Default: no factor, what ASI stores.
-        """
-        from .measure import run_measure
-
-        cfg = self._section()
-        path = Path(out) if out else self.run_dir / PERPLEXITY_FILE
-        self.measure_result = run_measure(
-            model, datamodule, path=path, epsilons=epsilons, num_batches=num_batches, num_finetune=num_finetune,
-            overwrite=overwrite, device=self.trainer.strategy.root_device, seed=cfg.get("seed_everything"),
-            progress=cfg.trainer.enable_progress_bar is not False, full_rank_factors=full_rank_factors)
+    def after_measure(self) -> None:
+        self.measure_result = self.trainer.measure_result
         if not self.measure_result["skipped"]:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._parser(self.subcommand).save(cfg, str(self.run_dir / "config_measure.yaml"), skip_none=False,
-                                               overwrite=True, multifile=False)
+            self._subparser().save(self._section(), str(self.run_dir / "config_measure.yaml"), skip_none=False,
+                                   overwrite=True, multifile=False)
 
     # ------------------------------------------------------------------ results
     def _settings(self) -> dict:
@@ -603,27 +394,24 @@ class ASICLI(LightningCLI):
         return best, last
 
     def before_fit(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        cfg = self._section()
-        self._previous_status = read_metrics(self.run_dir).get("status")
-        out = {"status": "running", "run_settings": self._settings_of(cfg),
-               "settings_hash": settings_hash(self._settings_of(cfg)), "command": sys.argv[1:],
-               "resumed_from": cfg.ckpt_path}
-        if cfg.model.checkpoint:  # which weights this run started from, by content
-            out["init_checkpoint"] = checkpoint_provenance(cfg.model.checkpoint)
-        write_metrics(self.run_dir, out)
+        if self.trainer.is_global_zero:
+            self.lifecycle.record_start(sys.argv[1:], self._section().ckpt_path)
 
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:
             return
+        ck, _ = self._checkpoints()
+        best = ck.best_model_path if ck is not None and ck.best_model_path else None
+        self.lifecycle.record_end(self._fit_results(), best, self.model.state_dict)
+
+    def _fit_results(self) -> dict:
+        """What metrics.json records at the end of a fit (the lifecycle adds the status and the setup-B export)."""
         t, cm = self.trainer, self.trainer.callback_metrics
         ck, ck_last = self._checkpoints()
-        fit = self._scalars("train/") | self._scalars("val/")
         out = {
             "run_dir": str(self.run_dir),
             "settings": self._settings(),
-            "fit": fit,
+            "fit": self._scalars("train/") | self._scalars("val/"),
             "epochs_completed": t.current_epoch, "global_step": t.global_step,
             "patched_layers": list(self.model.patched),
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
@@ -640,42 +428,9 @@ class ASICLI(LightningCLI):
                 out["best_" + monitor.replace("/", "_")] = float(ck.best_model_score)
         if ck_last is not None:
             out["last_ckpt"] = ck_last.best_model_path or ck_last.last_model_path
-        diverged = sorted(k for k, v in fit.items() if "loss" in k and not math.isfinite(v))
-        if not fit:  # resumed at its end: nothing trained in this call, the recorded results and status stay
-            del out["fit"]
-            out["status"] = getattr(self, "_previous_status", None) or "finished"
-        elif diverged:
-            out["status"], out["diverged"] = "diverged", diverged
-            print(f"warning: the run diverged: {', '.join(diverged)} not finite "
-                  f"({out['nonfinite_train_steps']} training step(s) had a non-finite loss); metrics.json marks it "
-                  f"\"status\": \"diverged\" and the report shows it as such", file=sys.stderr)
-        else:
-            out["status"] = "finished"
-        cfg = self._section()
-        if cfg.data.setup == "B" and cfg.data.half == 1:
-            exported = self._export_pretrained(ck)
-            out["exported_ckpt"], out["exported_ckpt_sha256"] = str(exported), file_sha256(exported)
         if getattr(self.model, "rank_selection", None) is not None:  # asi ranks from --model.perplexity_file
             out["rank_selection"] = self.model.rank_selection
-        write_metrics(self.run_dir, out)
-
-    def _export_pretrained(self, ck: Optional[ModelCheckpoint]) -> Path:
-        """Setup B, half 1: save the best weights where half-2 fine-tuning runs look for them. An existing export of
-        another run was refused before the fit started unless --overwrite true (see ``_prepare_fit``)."""
-        cfg = self._section()
-        best = ck.best_model_path if ck is not None and ck.best_model_path else None
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"] if best \
-            else self.model.state_dict()
-        dst = setup_b_checkpoint(cfg.model.backbone, cfg.data.name)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        torch.save({"state_dict": {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")},
-                    "backbone": cfg.model.backbone, "dataset": cfg.data.name, "num_classes": cfg.model.num_classes,
-                    "source_run": str(self.run_dir.resolve()), "source_ckpt": best}, tmp)
-        if dst.is_file():
-            print(f"--overwrite: replacing {dst} (was {_export_source(dst)})", file=sys.stderr)
-        tmp.replace(dst)
-        return dst
+        return out
 
     def after_validate(self) -> None:
         if self.trainer.is_global_zero:

@@ -197,3 +197,43 @@ def test_default_exp_name_says_what_differs():
     assert default_exp_name("hosvd", "all", eps=0.8) == "lall_eps0.8"
     assert default_exp_name("gradfilter", 2, radius=4) == "l2_R4"
     assert default_exp_name("vanilla", 4, warm_start=False) == "l4"
+
+
+def test_the_cli_uses_lightnings_public_api_only():
+    import inspect
+    import re
+
+    from pytorch_lightning import Trainer
+    from pytorch_lightning.cli import LightningCLI
+
+    from classification import cli, lifecycle, trainer
+
+    # no private method of LightningCLI or Trainer overridden ...
+    for ours, theirs in ((cli.ASICLI, LightningCLI), (trainer.ASITrainer, Trainer)):
+        private = {n for n in dir(theirs) if n.startswith("_") and not n.startswith("__")}
+        assert not private & set(vars(ours)), (ours, private & set(vars(ours)))
+    # ... no private Lightning name imported or used, and the lifecycle knows nothing of the command line
+    used = re.compile(r"import _|self\._parser\(|self\._get\(|_get_short_description|_subcommand_method_arguments|"
+                      r"_subcommand_parsers|super\(\)\._[a-z]")
+    for module in (cli, trainer, lifecycle):
+        assert not used.findall(inspect.getsource(module)), module
+    assert "LightningCLI" not in inspect.getsource(lifecycle) and "jsonargparse" not in inspect.getsource(lifecycle)
+
+
+def test_nested_subcommand_options_come_from_a_config_section_too(run_cli, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli("benchmark", "--help", tiny=False)
+    out = capsys.readouterr().out
+    assert "--benchmark.steps" in out and "--benchmark.methods" in out and "Timed steps per method" in out
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("benchmark:\n  steps: 0\n")
+    with pytest.raises(SystemExit):
+        run_cli("benchmark", "--config", str(cfg))
+    assert "--benchmark.steps 0 is invalid: it must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli("measure", "--help", tiny=False)
+    out = capsys.readouterr().out
+    assert "--measure.epsilons" in out and "--measure.num_batches" in out and "--measure.out" in out
+    with pytest.raises(SystemExit):
+        run_cli("profile", "--help", tiny=False)
+    assert "--device DEVICE" in capsys.readouterr().out
