@@ -241,6 +241,8 @@ class GradFilter(Method):
     @classmethod
     def report_label(cls, options):
         r = options.get("radius")
+        if r == "authors":  # per-layer radii of an explicit layer set (Table 3's segmentation rows)
+            return "Gradient filter (authors' radii)", (0.0,)
         label = f"Gradient filtering R{r}" if r is not None else "Gradient filtering"
         if cls.accounting == "gradfilter_paper":  # the authors' op: the paper's row
             label += " (authors' op)"

@@ -327,15 +327,16 @@ def choose_layers(net: nn.Module, hp, spec: ModelSpec, layer_type: str, include,
     N layers; the method's options (per-layer radii of a layer set; asi ranks given or chosen under a budget)."""
     info = method_info(adapters.compress)
     options = {k: hp.get(k) for k in info.user_options}
-    authors = spec.layer_sets(hp.num_finetune) if hp.layers is None and spec.layer_sets is not None else None
+    authors = family_layer_set(hp, spec)
     chosen = hp.layers if hp.layers is not None else (authors["layers"] if authors else None)
     if chosen is not None:
         if adapters.layers is not None:
             raise ValueError("--model.layers and the segmentation layer sets do not combine with LoRA")
         chosen = check_layer_names(net, list(chosen), layer_type)
-    if authors is not None and "radius" in options:  # Table 3's per-layer radii, in patch's layer order
-        radius_of = dict(zip(authors["layers"], authors["radii"]))
-        options["radius"] = [radius_of[n] for n in chosen]
+    for option, values in (authors or {}).get("options", {}).items():  # Table 3's per-layer radii, in layer order
+        if option in options:
+            value_of = dict(zip(authors["layers"], values))
+            options[option] = [value_of[n] for n in chosen]
     _check_rank_arguments(hp.method, hp.ranks, hp.perplexity_file, hp.budget)
     selection = None
     if hp.perplexity_file is not None:
@@ -345,6 +346,23 @@ def choose_layers(net: nn.Module, hp, spec: ModelSpec, layer_type: str, include,
     elif "ranks" in options:
         options["ranks"] = ranks_option(hp.ranks)
     return Choice(chosen, authors, options, selection)
+
+
+def family_layer_set(model_args: dict, spec: Optional[ModelSpec]) -> Optional[dict]:
+    """The family's explicit layer set that ``--model.num_finetune`` selects (``spec.layer_sets``), unless
+    ``--model.layers`` names the layers; None when there is none."""
+    if spec is None or spec.layer_sets is None or model_args.get("layers") is not None:
+        return None
+    return spec.layer_sets(model_args.get("num_finetune"))
+
+
+def naming_options(model_args: dict, spec: Optional[ModelSpec]) -> dict:
+    """The model options as run names and reports show them: an option the family's layer set gives per layer
+    reads "authors" (segmentation's gradient-filter radii: ``l5_Rauthors``, "Gradient filter (authors' radii)")."""
+    out = dict(model_args)
+    for option in (family_layer_set(model_args, spec) or {}).get("options", {}):
+        out[option] = "authors"
+    return out
 
 
 def _check_rank_arguments(method: str, ranks, perplexity_file: Optional[str], budget) -> None:

@@ -41,6 +41,9 @@ class ModelSpec:
     # rows (their vanilla 2/4-layer TFLOPs, 0.11/0.23 at batch 128, are twice our forward + weight-gradient MACs,
     # 0.059/0.118 T). Scales ``paper_gflops`` only; every other *_gflops figure counts 1 multiply-add = 1 FLOP.
     paper_flops_per_mac: int = 1
+    # FLOPs per multiply-add of the report's table for this model: 2 for the LLMs (Table 4, shown in TFLOPs); 1 (the
+    # table shows GFLOPs as counted). The report's rule; profile's figures are multiply-adds (issue 23 unifies them)
+    report_flops_per_mac: int = 1
     # ---- family hooks, called by the model core instead of switching on names (defaults: "not this family")
     # the family's own --model options, handed to create (LLMs: name_or_path, shape_only, num_blocks); a model
     # with none takes no options

@@ -35,10 +35,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, List, Literal, Optional, Sequence, Union
 
+from .finetune import LoRA, naming_options
+
 __all__ = ["collect", "format_table", "pareto_plots", "report", "CSV_COLUMNS"]
 
-METHOD_ORDER = ("vanilla", "gradfilter", "gradfilter_paper", "hosvd", "asi", "lora")
-LLM_BACKBONES = ("tinyllama", "llama_tiny", "hf")  # classification/llm.py (not imported: report needs no torch)
+# What a run's method and model are (labels, order, peak reporting, the task and its score, the table's FLOPs unit)
+# is asked of the method registry (asi_core's, and the framework's LoRA: classification.finetune.method_info) and
+# of the model registry (classification.registry); runs of methods or models no longer registered still list,
+# under their raw names.
 # The required CSV columns first, in this order; the rest are extras for whoever reads the CSV.
 CSV_COLUMNS = ("method", "num_finetune", "accuracy", "activation_mib", "gflops",
                "setup", "model", "dataset", "label", "final_accuracy", "best_accuracy", "accuracy_source",
@@ -81,34 +85,31 @@ def _from_layout(path: Path) -> dict:
             "num_finetune": m.group(1) if m else None}
 
 
+def _method(method: str):
+    from .finetune import MODEL_METHODS, method_info
+
+    return method_info(method) if method in MODEL_METHODS else None
+
+
+def _model_spec(model: str):
+    from . import families  # noqa: F401  every model registered
+    from .registry import MODELS
+
+    return MODELS.get(model)
+
+
+def _task(model: str):
+    from . import families  # noqa: F401  every task registered
+    from .tasks import get_task
+
+    spec = _model_spec(model)
+    return get_task(spec.task if spec is not None else "classification")
+
+
 def _label(method: str, args: dict) -> tuple[str, tuple]:
-    """The paper's name of a method configuration and a sort key within its method."""
-    if method == "vanilla":
-        return "Vanilla training", ()
-    if method in ("gradfilter", "gradfilter_paper"):
-        r = args.get("radius")
-        label = f"Gradient filtering R{r}" if r is not None else "Gradient filtering"
-        if method == "gradfilter_paper":  # the authors' op: the paper's row
-            label += " (authors' op)"
-        return label, (_num(r) or 0,)
-    if method == "hosvd":
-        eps = args.get("eps")
-        return (f"HOSVD (ε = {eps})" if eps is not None else "HOSVD"), (_num(eps) or 0,)
-    if method == "asi":
-        budget, ranks, warm = args.get("budget"), args.get("ranks"), args.get("warm_start")
-        quals = []
-        if not budget:  # with a budget the ranks are chosen per layer (the paper's ASI); say which otherwise
-            if isinstance(ranks, (int, float, str)) and not isinstance(ranks, bool):
-                quals.append(f"r = {ranks}")
-            else:
-                quals.append("per-layer ranks" if ranks else "default ranks")
-        if warm is False:
-            quals.append("no warm start")
-        fixed = "" if budget or not isinstance(ranks, (int, float, str)) else str(ranks)
-        return "ASI" + (f" ({', '.join(quals)})" if quals else ""), (bool(quals), warm is False, fixed)
-    if method == "lora":
-        return f"LoRA (r = {args.get('lora_rank')})", ()
-    return method, ()
+    """The paper's name of a method configuration and a sort key within its method (``Method.report_label``)."""
+    info = _method(method)
+    return info.report_label(args) if info is not None else (method, ())
 
 
 def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
@@ -128,19 +129,21 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     if str(setup) == "B" and data_args.get("half") == 1:
         return None  # setup-B pretraining (half 1): not a fine-tuning result
     method = setting("method")
-    if method is None or (method not in METHOD_ORDER and not (settings.get("method") or model_args.get("method"))):
+    if method is None or (_method(method) is None and not (settings.get("method") or model_args.get("method"))):
         return None  # e.g. a measure/ or profile/ folder without settings: not a training run
-    args = {k: setting(k, sources=(model_args, settings))
-            for k in ("radius", "eps", "ranks", "warm_start", "budget", "lora", "lora_rank")}
+    model = str(setting("model", "backbone") or MISSING)
+    args = naming_options({k: setting(k, sources=(model_args, settings)) for k in {*model_args, *settings}},
+                          _model_spec(model))
     label, variant = _label(str(method), args)
-    if args["lora"] and method != "lora":  # LoRA adapters whose lora_A inputs the method compresses
+    if args.get("lora") and _method(method) is not LoRA:  # LoRA adapters whose lora_A inputs the method compresses
         label, variant = f"LoRA r{args['lora_rank']} + {label}", (1, *variant)
     for option in ("checkpointing", "recompute"):  # the recomputation variants: rows of their own beside the method
         if setting(option, sources=(model_args, settings)) is True:
             label, variant = f"{label} + {option}", (*variant, option)
 
     res = data.get("resources") if isinstance(data.get("resources"), dict) else {}
-    peak = method == "hosvd"  # Sec. 4.1: HOSVD's resources vary during training; the paper reports the peak
+    # Sec. 4.1: a data-dependent method's resources (HOSVD's) vary during training; the paper reports the peak
+    peak = bool(getattr(_method(method), "data_dependent", False))
 
     def resource(*keys):
         for k in keys:
@@ -154,17 +157,13 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     train, train_peak = resource("train_gflops")
     paper, paper_peak = resource("paper_gflops")
     gflops, gflops_peak = (train, train_peak) if flops == "train" else (paper, paper_peak)
-    final, best = _num(data.get("val_acc")), _num(data.get("best_val_acc"))
-    segmentation = "val_miou" in data or "best_val_miou" in data  # mIoU/mAcc in percent (segmentation/metrics.py)
-    if segmentation and method in ("gradfilter", "gradfilter_paper") and not model_args.get("layers") \
-            and _layers(setting("num_finetune")) in (5, 10):
-        label = "Gradient filter (authors' radii)"  # Table 3: per-layer radii of segmentation/layer_sets.py
-    if segmentation:
-        final, best = (None if _num(data.get(k)) is None else _num(data[k]) / 100 for k in ("val_miou", "best_val_miou"))
+    task = _task(model)  # its monitored score (val/acc, val/miou) is the table's accuracy, as a fraction
+    key, scale = task.monitor.replace("/", "_"), 100 if task.monitor_percent else 1
+    final, best = (None if _num(data.get(k)) is None else _num(data[k]) / scale for k in (key, f"best_{key}"))
     return {
-        "task": "segmentation" if segmentation else "classification", "macc": _num(data.get("val_macc")),
+        "task": task.name, "macc": _num(data.get("val_macc")),
         "setup": str(setup) if setup is not None else MISSING,
-        "model": str(setting("model", "backbone") or MISSING),
+        "model": model,
         "dataset": str(setting("dataset", "name") or MISSING),
         "method": str(method), "num_finetune": _layers(setting("num_finetune")),
         "label": label, "_variant": variant,
@@ -185,7 +184,8 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
 
 
 def _method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    info = _method(method)
+    return info.report_order if info is not None else 1000
 
 
 def _layers_key(n, all_first: bool = True):
@@ -271,10 +271,12 @@ def _md(rows: Sequence[dict]) -> str:
         return "No runs found (no metrics.json with settings under the given directories).\n"
     blocks = []
     for (setup, model, dataset), group in _groups(rows).items():
-        if any(r.get("task") == "segmentation" for r in group):
-            blocks.append(_md_segmentation(model, dataset, group))
+        layout = _TASK_TABLES.get(group[0].get("task"))
+        if layout is not None:  # a task with a table of its own (segmentation: Table 3's mIoU/mAcc)
+            blocks.append(layout(model, dataset, group))
             continue
-        llm = model in LLM_BACKBONES  # the paper's Table 4 layout: TFLOPs, a multiply-add counted as 2 FLOPs
+        spec = _model_spec(model)  # the paper's Table 4 layout: TFLOPs, a multiply-add counted as 2 FLOPs
+        llm = spec is not None and spec.report_flops_per_mac == 2
         lines = [f"### setup {setup} · {model} · {dataset}", "",
                  f"| Method | #Layers | Acc (%) ↑ | Mem (MiB) ↓ | {'TFLOPs' if llm else 'GFLOPs'} ↓ |",
                  "|:--|--:|--:|--:|--:|"]
@@ -293,7 +295,7 @@ def _md(rows: Sequence[dict]) -> str:
                 notes.append(f"{r['label']}, {r['num_finetune']} layers diverged (non-finite loss; {r['run_dir']}): "
                              f"no accuracy to report.")
                 mark += f"<sup>{len(notes)}</sup>"
-            flops = r["gflops"] if not llm or r["gflops"] is None else 2 * r["gflops"] / 1000
+            flops = r["gflops"] if not llm or r["gflops"] is None else spec.report_flops_per_mac * r["gflops"] / 1000
             lines.append(f"| {name} | {n}{mark} | {acc} | {_fmt(r['activation_mib'])} | {_fmt(flops)} |")
         lines.append("")
         if llm:
@@ -329,6 +331,9 @@ def _md_segmentation(model: str, dataset: str, group: Sequence[dict]) -> str:
                   "layers; TFLOPs per training step (see the GFLOPs note of the classification tables).  "]
     return "\n".join(lines).rstrip() + "\n"
 
+
+
+_TASK_TABLES = {"segmentation": _md_segmentation}  # task -> its own table layout (others: _md's)
 
 def _csv(rows: Sequence[dict]) -> str:
     buf = io.StringIO()

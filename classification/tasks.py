@@ -39,7 +39,8 @@ class Task:
     ``target_shape``."""
 
     name = ""
-    monitor = ""  # what ModelCheckpoint keeps the best of (maximised)
+    monitor = ""  # what ModelCheckpoint keeps the best of (maximised); the report's accuracy column
+    monitor_percent = False  # the monitored score is logged in percent (the report shows every score in percent)
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes

@@ -99,10 +99,12 @@ def expand_install(install: Iterable[tuple[str, str, int]]) -> tuple[list[str], 
 
 
 def layer_set(model: str, num_finetune) -> dict | None:
-    """``{"layers": [...], "radii": [...], "freeze": [...]}`` of the authors' 5L/10L set, or None."""
+    """``{"layers": [...], "radii": [...], "freeze": [...], "options": {"radius": radii}}`` of the authors' 5L/10L
+    set, or None. ``options``: per-layer values of method options, one per layer of ``layers`` (the gradient
+    filter's radii); the fine-tuning core hands them to the method that takes them."""
     sets = AUTHORS_LAYER_SETS.get(model, {})
     if isinstance(num_finetune, bool) or num_finetune not in sets:
         return None
     entry = sets[num_finetune]
     names, radii = expand_install(entry["install"])
-    return {"layers": names, "radii": radii, "freeze": list(entry["freeze"])}
+    return {"layers": names, "radii": radii, "freeze": list(entry["freeze"]), "options": {"radius": radii}}
