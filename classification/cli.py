@@ -41,7 +41,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from jsonargparse import ArgumentParser, Namespace
 from pytorch_lightning import Trainer
@@ -49,16 +49,17 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from .backbones import MODELS
+from . import families  # noqa: F401  every model, dataset and task registered
 from .callbacks import ResourceAccounting, RunStatus, WeightsDigest
-from .data import DATASETS, ClassificationData, check_data_options, input_shape_of, num_classes_of
+from .data import ClassificationData, check_data_options, input_shape_of, num_classes_of
 from .lifecycle import (Run, RunRefused, checkpoint_provenance, file_sha256,  # noqa: F401 (re-exported)
                         setup_b_checkpoint)
-from .llm import is_llm, source_of as tokenizer_source
+from .finetune import naming_options
 from .measure import measure_exp_name
 from .model import ASI_DEFAULT_RANKS, MODEL_METHODS, ClassificationModel, RandomBackboneWarning, check_model_options
 from .report import report
-from .rundir import default_exp_name, run_dir, run_settings, settings_hash, write_metrics
+from .rundir import exp_name, run_dir, run_settings, settings_hash, write_metrics
+from .registry import DATASETS, MODELS, get_spec
 from .trainer import ASITrainer
 
 # The paper's recipe (App. B.1) where it is a Trainer setting; every key stays overridable.
@@ -258,10 +259,11 @@ class ASICLI(LightningCLI):
 
     def _derived_options(self, cfg: Namespace) -> None:
         m, d = cfg.model, cfg.data
-        if self.subcommand == "profile" and m.get("shape_only") is None and is_llm(m.backbone):
+        spec = get_spec(m.backbone)
+        if self.subcommand == "profile" and m.get("shape_only") is None and spec.shape_only_profile:
             m.shape_only = True  # an LLM's profile runs shape-only (FakeTensorMode): real shapes, no arithmetic
-        if d.get("tokenizer") is None and DATASETS[d.name].kind == "text" and is_llm(m.backbone):
-            d.tokenizer = tokenizer_source(m.backbone, m.get("name_or_path"))  # the model's own tokenizer
+        if d.get("tokenizer") is None and DATASETS[d.name].kind == "text" and spec.tokenizer_source is not None:
+            d.tokenizer = spec.tokenizer_source(m.get("name_or_path"))  # the model's own tokenizer
         if self.subcommand in ("profile", "benchmark"):  # random weights on random input: nothing to load or download
             m.pretrained = False
             warnings.filterwarnings("ignore", category=RandomBackboneWarning)
@@ -282,21 +284,14 @@ class ASICLI(LightningCLI):
         # a readable prefix (what differs between runs of one method) + a digest of every setting that changes
         # the result (model, data, seed), so two runs with different settings never share a directory
         tag = settings_hash(run_settings(m.as_dict(), d.as_dict(), cfg.get("seed_everything")))
+        named = naming_options({**m.as_dict(), "ranks": ranks}, MODELS[m.backbone])
         exp = cfg.exp_name or (("pretrain" if d.setup == "B" and d.half == 1 else
-                                default_exp_name(m.method, m.num_finetune, ranks, m.eps, self._radius_name(m),
-                                                 m.budget, m.warm_start)) + f"_{tag}")
+                                exp_name(m.method, m.num_finetune, named)) + f"_{tag}")
         kind = m.method
         if self.subcommand == "measure":
             kind, exp = "measure", cfg.exp_name or measure_exp_name(cfg.measure.num_finetune, d.batch_size,
                                                                     d.resolution)
         return run_dir(cfg.run_root, d.setup, m.backbone, d.name, kind, exp)
-
-    @staticmethod
-    def _radius_name(m) -> Union[int, str]:
-        """``authors`` where the segmentation layer sets give the gradient filter its per-layer radii."""
-        from segmentation.layer_sets import layer_set
-
-        return "authors" if m.get("layers") is None and layer_set(m.backbone, m.num_finetune) else m.radius
 
     def _settings_of(self, cfg: Namespace, full: bool = True) -> dict:
         return run_settings(cfg.model.as_dict(), cfg.data.as_dict(), cfg.get("seed_everything"),

@@ -17,28 +17,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 METRICS_FILE = "metrics.json"
 
 
-def default_exp_name(method: str, num_finetune: Union[int, str], ranks: Any = None, eps: Any = None,
-                     radius: Any = None, budget: Any = None, warm_start: bool = True) -> str:
-    """A readable name saying what differs between runs of one method: ``l2_r4``, ``l4_eps0.8``,
-    ``l4_budgethosvd@0.8`` (asi ranks chosen from a perplexity table under a budget), ``l4_r2_nowarm``
-    (asi without warm start, the paper's Fig. 3 ablation) ..."""
-    name = f"l{num_finetune}"
-    if method == "asi" and budget is not None:
-        name += f"_budget{budget}"
-    elif method == "asi":
-        if isinstance(ranks, int):
-            name += f"_r{ranks}"
-        elif all(isinstance(r, int) for r in ranks):  # one per-mode tuple for every layer
-            name += "_r" + "x".join(map(str, ranks))
-        else:
-            name += "_r" + "-".join("x".join(map(str, r)) for r in ranks)
-    if method == "asi" and warm_start is False:
-        name += "_nowarm"
-    elif method == "hosvd":
-        name += f"_eps{eps}"
-    elif method in ("gradfilter", "gradfilter_paper"):
-        name += f"_R{radius}"
-    return name
+def exp_name(method: str, num_finetune: Union[int, str], options: Mapping[str, Any]) -> str:
+    """A readable name saying what differs between runs of one method: ``l<num_finetune>`` and the method's own
+    token (``Method.run_name``: ``l2_r4``, ``l4_eps0.8``, ``l4_budgethosvd@0.8``, ``l4_r2_nowarm``, ``l5_Rauthors``
+    ...). ``options``: the model options (``finetune.naming_options``: layer-set values read "authors")."""
+    from .finetune import MODEL_METHODS, method_info
+
+    token = method_info(method).run_name(dict(options)) if method in MODEL_METHODS else ""
+    return f"l{num_finetune}{token}"
 
 
 def run_dir(root: Union[str, Path], setup: str, model: str, dataset: str, method: str, exp_name: str) -> Path:
@@ -57,11 +43,48 @@ IGNORED_MODEL_KEYS = ("lean", "input_shape", "num_classes")
 IGNORED_DATA_KEYS = ("root", "num_workers", "download")
 
 
-def run_settings(model: Mapping, data: Mapping, seed: Any, trainer: Optional[Mapping] = None) -> dict:
-    """The settings that define a run's result: model and data options (less ``IGNORED_*``), the seed, and with
-    ``trainer`` the ``TRAINER_RESULT_KEYS`` of it. Values as JSON would write them (tuples -> lists)."""
-    out = {"model": {k: v for k, v in dict(model).items() if k not in IGNORED_MODEL_KEYS},
-           "data": {k: v for k, v in dict(data).items() if k not in IGNORED_DATA_KEYS},
+# The model and data options that every run name and "done" check held before options had to keep names stable
+# (the keys of 2026-12's main): their values always enter, so runs made then keep their directories and status.
+# An option added since enters only when it is set away from its default (``option_defaults``), so adding an
+# option renames no run and re-runs no finished sweep (tests/test_run_names.py checks both against golden names).
+NAMED_MODEL_KEYS = frozenset((
+    "adam_betas", "backbone", "budget", "checkpoint", "checkpointing", "eps", "include", "layer_type", "layers",
+    "lora", "lora_alpha", "lora_rank", "lora_targets", "lr", "lr_min_factor", "method", "momentum", "name_or_path",
+    "num_blocks", "num_finetune", "optimizer", "perplexity_file", "pretrained", "radius", "ranks", "recompute",
+    "scheduler", "scheduler_interval", "set_bn_eval", "shape_only", "train_bn_affine", "warm_start",
+    "warmup_epochs", "warmup_start_factor", "weight_decay"))
+NAMED_DATA_KEYS = frozenset((
+    "augment", "batch_size", "half", "max_length", "name", "num_shards", "partition_file", "resolution", "setup",
+    "split_seed", "tokenizer", "val_fraction"))
+
+
+def option_defaults() -> dict[str, dict[str, Any]]:
+    """{"model": {option: default}, "data": {...}}: the defaults of ``ClassificationModel``'s and
+    ``ClassificationData``'s options (their signatures, which the command line is built from)."""
+    import inspect
+
+    from .data import ClassificationData
+    from .model import ClassificationModel
+
+    def of(cls):
+        return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {"model": of(ClassificationModel), "data": of(ClassificationData)}
+
+
+def _named(section: Mapping, named: frozenset, ignored: Sequence[str], defaults: Mapping) -> dict:
+    return {k: v for k, v in dict(section).items() if k not in ignored
+            and (k in named or k not in defaults or _jsonable(v) != _jsonable(defaults[k]))}
+
+
+def run_settings(model: Mapping, data: Mapping, seed: Any, trainer: Optional[Mapping] = None,
+                 defaults: Optional[Mapping[str, Mapping]] = None) -> dict:
+    """The settings that define a run's result: model and data options (less ``IGNORED_*``; an option outside
+    ``NAMED_*_KEYS`` only when set away from its default in ``defaults``, default ``option_defaults()``), the seed,
+    and with ``trainer`` the ``TRAINER_RESULT_KEYS`` of it. Values as JSON would write them (tuples -> lists)."""
+    defaults = option_defaults() if defaults is None else defaults
+    out = {"model": _named(model, NAMED_MODEL_KEYS, IGNORED_MODEL_KEYS, defaults.get("model", {})),
+           "data": _named(data, NAMED_DATA_KEYS, IGNORED_DATA_KEYS, defaults.get("data", {})),
            "seed": seed}
     if trainer is not None:
         out["trainer"] = {k: dict(trainer).get(k) for k in TRAINER_RESULT_KEYS}
