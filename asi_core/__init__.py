@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from .layers import CompressedConv2d, CompressedLayer, CompressedLinear
 from .methods import METHODS as _METHOD_REGISTRY
 from .methods import Method, Option, get_method, register_method
-from .patch import candidate_layers, patch, patched_layers, unpatch
+from .patch import candidate_layers, choose_layers, patch, patched_layers, unpatch
 
 
 class _MethodNames(Sequence):
@@ -41,5 +41,5 @@ class _MethodNames(Sequence):
 
 METHODS = _MethodNames()
 
-__all__ = ["patch", "unpatch", "patched_layers", "candidate_layers", "METHODS", "register_method", "get_method",
+__all__ = ["patch", "unpatch", "patched_layers", "candidate_layers", "choose_layers", "METHODS", "register_method", "get_method",
            "Method", "Option", "CompressedConv2d", "CompressedLinear", "CompressedLayer"]

@@ -158,6 +158,7 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     accounting = "input"
     data_dependent = False
     rank_selection = False
+    lean_default = True  # patch's ``lean`` default: lean frozen BN/activations wherever the method compresses
 
     @classmethod
     def check_user_options(cls, values: dict[str, Any]) -> list[tuple[str, Any, str]]:
@@ -219,6 +220,7 @@ class Vanilla(Method):
     name = "vanilla"
     label = "Vanilla training"
     report_order = 0
+    lean_default = False  # the honest baseline: plain autograd everywhere
 
     def train_forward(self, layer, x):
         y = layer.plain_forward(x)
@@ -258,7 +260,7 @@ class GradFilter(Method):
 
     def __init__(self, layer_name: str, radius: int = 2):
         super().__init__(layer_name)
-        if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
+        if not self.user_options["radius"].check(radius):
             raise ValueError(f"layer {layer_name!r}: gradfilter radius must be an integer >= 1, got {radius!r}")
         self.radius = radius
 
@@ -330,7 +332,7 @@ class HOSVD(_LowRank):
 
     def __init__(self, layer_name: str, eps: float = 0.8):
         super().__init__(layer_name)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps <= 1):
+        if not self.user_options["eps"].check(eps):
             raise ValueError(f"layer {layer_name!r}: hosvd eps must be in (0, 1], got {eps!r}")
         self.eps = float(eps)
 

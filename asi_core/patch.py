@@ -10,7 +10,7 @@ from torch import nn
 from .layers import CompressedConv2d, CompressedLayer, CompressedLinear
 from .methods import METHODS
 
-__all__ = ["patch", "unpatch", "patched_layers", "candidate_layers"]
+__all__ = ["patch", "unpatch", "patched_layers", "candidate_layers", "choose_layers"]
 
 _LAYER_TYPES = {"conv": (nn.Conv2d, CompressedConv2d), "linear": (nn.Linear, CompressedLinear)}
 
@@ -77,12 +77,9 @@ def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = N
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
-    candidates = candidate_layers(model, layer_type, include)
     if patched_layers(model):
         raise ValueError("model is already patched; call asi_core.unpatch(model) first")
-    if include is not None and layers is None:
-        _check_include(model, candidates, num_finetune, layer_type, include)
-    names = _choose(candidates, num_finetune, layers, layer_type)
+    names = choose_layers(model, num_finetune, layers, layer_type, include)
     method_cls = METHODS[method]
     if layer_type not in method_cls.layer_types:
         raise ValueError(f"method {method!r} is not defined for {layer_type} layers (it supports "
@@ -104,7 +101,7 @@ def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = N
                 p.requires_grad_(True)
     _freeze_before(model, names[0])
     if lean is None:
-        lean = method != "vanilla"
+        lean = method_cls.lean_default
     if lean:
         # The whole model, not "from names[0] on in registration order": a module registered before the first
         # patched layer can still be *called* inside the fine-tuned region (torchvision's BasicBlock calls its one
@@ -130,6 +127,17 @@ def unpatch(model: nn.Module) -> list[str]:
     unmake_lean(model)
     disable(model)  # recompute.enable's segments, if any
     return names
+
+
+def choose_layers(model: nn.Module, num_finetune: Union[int, str, None] = None, layers: Optional[Iterable[str]] = None,
+                  layer_type: str = "conv", include: Include = None) -> list[str]:
+    """The layers ``patch`` with the same arguments wraps, in registration order: the named ``layers`` (checked),
+    or the last ``num_finetune`` (an int or "all") of ``candidate_layers(model, layer_type, include)``.
+    ValueError saying what does not fit."""
+    candidates = candidate_layers(model, layer_type, include)
+    if include is not None and layers is None:
+        _check_include(model, candidates, num_finetune, layer_type, include)
+    return _choose(candidates, num_finetune, layers, layer_type)
 
 
 def _check_include(model, candidates, num_finetune, layer_type, include):

@@ -21,9 +21,7 @@ module); new code imports them from ``classification.registry`` after ``classifi
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -231,36 +229,10 @@ def load_imagenet_weights(name: str, model: nn.Module) -> Path:
 
 
 # ----------------------------------------------------------------------------- names kept from before the registry
-# ``MODELS``, ``get_spec`` and ``create_model`` as this module exported them, for code written before
-# classification/registry.py: every family registered (``classification.families``, imported on first use: it imports
-# this module), and each spec as it read then: ``create`` set only for the families that build and load themselves
-# (LLMs, segmentation), None for a plain classifier (whose create, the shared wrapper, create_model calls). Code that
-# asks ``spec.create is not None`` for "not a plain ImageNet classifier" keeps working; new code imports the
-# registry and reads ``spec.options`` / ``spec.weights_url``.
-def _as_before(spec: ModelSpec) -> ModelSpec:
-    return dataclasses.replace(spec, create=None) if spec.builder is not None else spec
-
-
-class _ModelsAsBefore(Mapping):
-    """A live read-only view of ``registry.MODELS`` with the specs as :func:`_as_before` reads them."""
-
-    def __getitem__(self, name: str) -> ModelSpec:
-        return _as_before(registry.MODELS[name])
-
-    def __iter__(self):
-        return iter(registry.MODELS)
-
-    def __len__(self) -> int:
-        return len(registry.MODELS)
-
-
-def _get_spec_as_before(name: str) -> ModelSpec:
-    return _as_before(registry.get_spec(name))
-
-
+# ``MODELS``, ``get_spec`` and ``create_model`` were this module's: they are the registry's (every family registered
+# on first use, through ``classification.families``, which imports this module).
 def __getattr__(attr: str):
     if attr in ("MODELS", "get_spec", "create_model"):
         from . import families  # noqa: F401
-        return {"MODELS": _ModelsAsBefore(), "get_spec": _get_spec_as_before,
-                "create_model": registry.create_model}[attr]
+        return getattr(registry, attr)
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

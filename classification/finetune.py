@@ -55,6 +55,7 @@ class LoRA:
     user_options: dict[str, Option] = {}
     label = "LoRA"
     report_order = 60
+    lean_default = True  # as profile has always reported it
     accounting = "input"
     data_dependent = False
     rank_selection = False
@@ -386,15 +387,15 @@ def _check_rank_arguments(method: str, ranks, perplexity_file: Optional[str], bu
 
 def finetune_candidates(net: nn.Module, num_finetune: Union[int, str], layer_type: str = "conv",
                         include=None, option: str = "num_finetune") -> list[str]:
-    """The layers ``asi_core.patch(net, ..., num_finetune, layer_type=..., include=...)`` trains, checked."""
-    layers = asi_core.candidate_layers(net, layer_type, include)
-    what = f"{layer_type} layers" + (f" matching include={include!r}" if include is not None else "")
-    if num_finetune == "all" and layers:
-        return layers
-    if isinstance(num_finetune, int) and not isinstance(num_finetune, bool) and 1 <= num_finetune <= len(layers):
-        return layers[-num_finetune:]
-    raise ValueError(f"{option} must be 'all' or an integer in [1, {len(layers)}] (the model's {what}), "
-                     f"got {num_finetune!r}")
+    """The layers ``asi_core.patch(net, ..., num_finetune, layer_type=..., include=...)`` trains
+    (``asi_core.choose_layers``), with an error naming the option and its valid range."""
+    try:
+        return asi_core.choose_layers(net, num_finetune, layer_type=layer_type, include=include)
+    except ValueError:
+        layers = asi_core.candidate_layers(net, layer_type, include)
+        what = f"{layer_type} layers" + (f" matching include={include!r}" if include is not None else "")
+        raise ValueError(f"{option} must be 'all' or an integer in [1, {len(layers)}] (the model's {what}), "
+                         f"got {num_finetune!r}") from None
 
 
 def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], perplexity_file: str,

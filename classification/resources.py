@@ -231,7 +231,7 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     shape = {"max_length": max_length or resolution} if text else {"resolution": resolution}
     out = {"model": hp.backbone, "method": hp.method, "num_finetune": hp.num_finetune,
            "batch_size": batch_size, **shape, **options,
-           "lean": hp.method != "vanilla" if hp.lean is None else bool(hp.lean), "device": str(device),
+           "lean": method_info(hp.method).lean_default if hp.lean is None else bool(hp.lean), "device": str(device),
            "checkpointing": bool(hp.get("checkpointing")), "recompute": bool(hp.get("recompute")),
            "recomputed_segments": list(getattr(model, "recomputed", []))}
     if getattr(hp, "train_bn_affine", False):

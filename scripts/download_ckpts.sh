@@ -54,7 +54,7 @@ fetch_imagenet() {
     ASI_CKPT_DIR="$CKPTS" "$PYTHON" - <<'PY'
 from classification.backbones import MODELS, imagenet_weights_path, _download
 for name, spec in MODELS.items():
-    if spec.create is not None:  # LLMs (Hugging Face cache) and segmentation networks (`seg`): no ImageNet file
+    if not spec.weights_file:  # LLMs (Hugging Face cache), segmentation networks (`seg`), test miniatures: no file
         continue
     dst = imagenet_weights_path(name)
     if dst.is_file():

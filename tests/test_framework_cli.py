@@ -189,14 +189,15 @@ def test_help_documents_the_model_arguments(run_cli, capsys):
 
 
 def test_default_exp_name_says_what_differs():
-    from classification.rundir import default_exp_name
-    assert default_exp_name("asi", 4, 2) == "l4_r2"
-    assert default_exp_name("asi", 4, 2, warm_start=False) == "l4_r2_nowarm"
-    assert default_exp_name("asi", 2, None, budget="hosvd@0.8") == "l2_budgethosvd@0.8"
-    assert default_exp_name("asi", 2, [(2, 4, 3, 3), (1, 2, 3, 3)]) == "l2_r2x4x3x3-1x2x3x3"
-    assert default_exp_name("hosvd", "all", eps=0.8) == "lall_eps0.8"
-    assert default_exp_name("gradfilter", 2, radius=4) == "l2_R4"
-    assert default_exp_name("vanilla", 4, warm_start=False) == "l4"
+    # the method's token comes from its registry class (Method.run_name), the same names as before the registry
+    from classification.rundir import exp_name
+    assert exp_name("asi", 4, {"ranks": 2}) == "l4_r2"
+    assert exp_name("asi", 4, {"ranks": 2, "warm_start": False}) == "l4_r2_nowarm"
+    assert exp_name("asi", 2, {"ranks": None, "budget": "hosvd@0.8"}) == "l2_budgethosvd@0.8"
+    assert exp_name("asi", 2, {"ranks": [(2, 4, 3, 3), (1, 2, 3, 3)]}) == "l2_r2x4x3x3-1x2x3x3"
+    assert exp_name("hosvd", "all", {"eps": 0.8}) == "lall_eps0.8"
+    assert exp_name("gradfilter", 2, {"radius": 4}) == "l2_R4"
+    assert exp_name("vanilla", 4, {"warm_start": False}) == "l4"
 
 
 def test_the_cli_uses_lightnings_public_api_only():

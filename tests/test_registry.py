@@ -89,8 +89,8 @@ def test_names_imported_from_the_old_modules_keep_working():
     assert list(backbones.MODELS) == ALL_MODELS and list(data.DATASETS) == ALL_DATASETS
     assert backbones.create_model is create_model and data.get_dataset_spec("digits") is DATASETS["digits"]
     # as before the registry: create is set only for the families that build and load themselves
-    assert backbones.get_spec("mcunet").create is None and backbones.MODELS["resnet18"].create is None
-    assert backbones.MODELS["tinyllama"].create is not None and backbones.get_spec("fcn_r18").create is not None
+    assert backbones.get_spec("mcunet") is get_spec("mcunet") and backbones.MODELS is MODELS
+    assert backbones.MODELS["resnet18"].weights_file and not backbones.get_spec("fcn_r18").weights_file
     assert backbones.MODELS["swin_t"].weights_url == get_spec("swin_t").weights_url
     from classification.backbones import ckpt_dir, imagenet_weights_path, reset_classifier  # noqa: F401
     from classification.llm import is_llm, source_of  # noqa: F401
