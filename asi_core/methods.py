@@ -159,6 +159,7 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     data_dependent = False
     rank_selection = False
     lean_default = True  # patch's ``lean`` default: lean frozen BN/activations wherever the method compresses
+    plot_style: tuple[Optional[str], str] = (None, "x")  # (colour, marker) of its points in the report's plots
 
     @classmethod
     def check_user_options(cls, values: dict[str, Any]) -> list[tuple[str, Any, str]]:
@@ -218,6 +219,7 @@ class Vanilla(Method):
     """Exact backward through plain autograd: the patched layer keeps its whole input."""
 
     name = "vanilla"
+    plot_style = ("#444444", "s")
     label = "Vanilla training"
     report_order = 0
     lean_default = False  # the honest baseline: plain autograd everywhere
@@ -233,6 +235,7 @@ class GradFilter(Method):
     """Gradient filtering (Yang et al. 2023) with patch radius R (conv.py/linear.py give the formula)."""
 
     name = "gradfilter"
+    plot_style = ("#2ca02c", "^")
     option_names = ("radius",)
     user_options = {"radius": Option(2, lambda r: _is_int(r) and r >= 1,
                                      "gradfilter's patch radius must be an integer >= 1")}
@@ -313,6 +316,7 @@ class HOSVD(_LowRank):
     """HOSVD_ε (Nguyen et al. 2024): a truncated HOSVD of the input at every training step."""
 
     name = "hosvd"
+    plot_style = ("#1f77b4", "D")
     option_names = ("eps",)
     user_options = {"eps": Option(0.8, lambda e: isinstance(e, (int, float)) and not isinstance(e, bool)
                                   and 0 < e <= 1, "hosvd's explained-variance threshold must be in (0, 1]")}
@@ -359,6 +363,7 @@ class ASI(_LowRank):
     state_dict save/load resumes the same subspace. ``step`` counts training forwards."""
 
     name = "asi"
+    plot_style = ("#d62728", "o")
     option_names = ("ranks", "warm_start", "seed")
     user_options = {"ranks": Option(None, lambda r: r is None or _valid_ranks(r),
                                     "asi ranks must be one integer >= 1, one list of per-mode ranks for every layer, "
@@ -573,6 +578,7 @@ class GradFilterPaper(GradFilter):
     gradient of the filtered output gradient); the README lists the differences."""
 
     name = "gradfilter_paper"
+    plot_style = ("#8c564b", "v")
     layer_types = ("conv",)
     report_order = 15
     accounting = "gradfilter_paper"

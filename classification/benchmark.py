@@ -15,8 +15,11 @@ import torch
 from torch import nn
 
 import asi_core
+from asi_core.methods import Vanilla
 
 __all__ = ["run_benchmark", "time_weight_gradients"]
+
+BASELINE = Vanilla.name  # what the ratios and speed-ups are relative to (plain autograd: "ratios_to_vanilla")
 
 VARIANTS = ("", "checkpointing", "recompute")  # --benchmark.methods entries: METHOD or METHOD+VARIANT
 
@@ -77,8 +80,8 @@ def run_benchmark(build: Callable[[str], nn.Module], methods: Sequence[str], bat
                 progress(f"{'warm-up' if it < warmup else 'step'} {it + 1}/{warmup + steps} {m}: {t3 - t0:.3f}s")
     medians = {m: {k: _median(v) for k, v in t.items()} for m, t in times.items()}
     result = {"methods": medians}
-    if "vanilla" in medians:
-        v = medians["vanilla"]
+    if BASELINE in medians:
+        v = medians[BASELINE]
         result["ratios_to_vanilla"] = {m: {k: t[f"{k}_s"] / v[f"{k}_s"] for k in ("forward", "backward", "step")}
                                        for m, t in medians.items()}
         result["speedup_vs_vanilla"] = {m: v["step_s"] / t["step_s"] for m, t in medians.items()}
@@ -136,8 +139,8 @@ def time_weight_gradients(nets: dict, x, y, loss_fn, steps: int = 5, device=torc
                     if it:
                         samples[m].append(time.perf_counter() - t0)
             out[name] = {m: {"weight_grad_s": _median(s)} for m, s in samples.items()}
-            if "vanilla" in samples:
-                v = out[name]["vanilla"]["weight_grad_s"]
+            if BASELINE in samples:
+                v = out[name][BASELINE]["weight_grad_s"]
                 for m in samples:
                     out[name][m]["speedup_vs_vanilla"] = v / out[name][m]["weight_grad_s"]
     return out

@@ -355,9 +355,10 @@ def format_table(rows: Sequence[dict], fmt: Literal["md", "csv"] = "md") -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
-_COLORS = {"vanilla": "#444444", "gradfilter": "#2ca02c", "gradfilter_paper": "#8c564b", "hosvd": "#1f77b4",
-           "asi": "#d62728"}
-_MARKERS = {"vanilla": "s", "gradfilter": "^", "gradfilter_paper": "v", "hosvd": "D", "asi": "o"}
+def _style(method: str) -> tuple[Optional[str], str]:
+    """(colour, marker) of a method's points: its ``plot_style`` (None, "x" for a method no longer registered)."""
+    return getattr(_method(method), "plot_style", (None, "x"))
+
 _STYLES = ("-", "--", ":", "-.")
 
 
@@ -396,11 +397,11 @@ def pareto_plots(rows: Sequence[dict], out_dir: PathLike) -> list[Path]:
                     continue
                 plotted = True
                 xs, ys, ns = zip(*xy)
-                ax.plot(xs, ys, style, marker=_MARKERS.get(method, "x"), color=_COLORS.get(method),
+                ax.plot(xs, ys, style, marker=_style(method)[1], color=_style(method)[0],
                         markerfacecolor=face, label=label, markersize=6, linewidth=1.6)
                 for x, y, n in xy:
                     ax.annotate("All" if n == "all" else str(n), (x, y), textcoords="offset points",
-                                xytext=(4, 4), fontsize=7, color=_COLORS.get(method, "black"))
+                                xytext=(4, 4), fontsize=7, color=_style(method)[0] or "black")
         for ax, xlabel in zip(axes, ("Activation memory (MiB)", "GFLOPs per training step" +
                                      (" (paper's count)" if group[0]["gflops_source"] == "paper" else ""))):
             if plotted:
