@@ -1,6 +1,6 @@
 """Entry point: python main.py {fit,validate,test} --config configs/... [--section.key value ...]
 
-See classification/cli.py and README.md.
+See classification/cli.py, README.md and docs/command_line.md.
 """
 from classification.cli import cli_main
 

@@ -575,7 +575,7 @@ class GradFilterPaper(GradFilter):
     """Gradient filtering exactly as the paper's experiments ran it (the authors' ``Conv2dAvgOp``):
     centred patches, whole (R·s)² input patches summed, the patch-summed weight's input gradient.
     Conv2d only. ``gradfilter`` is our reading of Yang et al. (kernel-centre samples, exact input
-    gradient of the filtered output gradient); the README lists the differences."""
+    gradient of the filtered output gradient); docs/reproducing.md lists the differences."""
 
     name = "gradfilter_paper"
     plot_style = ("#8c564b", "v")

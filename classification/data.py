@@ -116,7 +116,7 @@ register_dataset(
     "cub200", num_classes=200, build=_image_folder("train", "test"),
     how_to_obtain="CUB-200-2011 (https://www.vision.caltech.edu/datasets/cub_200_2011/) in ImageFolder layout: "
     "<root>/cub200/train/<class>/*.jpg and <root>/cub200/test/<class>/*.jpg "
-    "(split with the archive's train_test_split.txt; see README)",
+    "(split with the archive's train_test_split.txt; see docs/datasets.md)",
     downloadable=True)
 register_dataset(
     "imagenet", num_classes=1000, build=_image_folder("train", "val"),

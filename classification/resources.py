@@ -208,7 +208,7 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     """``main.py profile``: one training step of a ``ClassificationModel`` (its hparams name the backbone,
     method and options) on random input (batch_size, 3, resolution, resolution), or for a language model
     (``model.net.is_language_model``) random token ids (batch_size, max_length), and random labels, with an
-    SGD step at the model's lr; returns the JSON object the command prints (schema in the README).
+    SGD step at the model's lr; returns the JSON object the command prints (schema in docs/resources.md).
     A network built shape-only (``model.net.fake_mode``, classification/llm.py) runs the whole step under its
     FakeTensorMode: real shapes, saved tensors and FLOP counts, no arithmetic and no memory."""
     hp = model.hparams

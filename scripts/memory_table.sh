@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Measured vs analytic activation memory (README "Measured activation memory"): `main.py profile`, one training step
+# Measured vs analytic activation memory (docs/resources.md, "Measured activation memory"): `main.py profile`, one training step
 # on random input (batch 64, 224x224, random weights: no dataset, no download) for each model, method and number of
-# fine-tuned layers; then scripts/memory_table.py prints the markdown table of the README.
+# fine-tuned layers; then scripts/memory_table.py prints the markdown table of docs/resources.md.
 # Methods: vanilla (plain autograd, the baseline), vanilla_lean (vanilla with --model.lean true), gradfilter
 # (radius 2), hosvd (eps 0.8), asi (ranks 2); the compressing methods run lean (their default). Not in the default
 # list: vanilla_lean_bn and asi_bn, the same with --model.train_bn_affine true (the authors' trainable BatchNorm

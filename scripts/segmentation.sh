@@ -14,7 +14,7 @@
 #   reproduced), and Table 3's lists hold many (DLV3's ASPP branches, the dilated layer3/layer4 convs at 10 layers).
 #
 # Checkpoints: $SEG_CKPT_DIR/<model>.pth, the authors' Cityscapes-calibrated mmseg checkpoints
-# (scripts/download_ckpts.sh seg, then name each file after its model; README "Segmentation"). With
+# (scripts/download_ckpts.sh seg, then name each file after its model; docs/segmentation.md). With
 # SEG_CKPT_DIR=none the runs start from random weights (only for smoke passes).
 # Expected runtime: 20,000 iterations of batch 8 at 512x512 per run, ~2-4 GPU-hours each on one GPU (UPerNet and
 # HOSVD the slowest); ~54 runs in all.

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Paper Table 4: TinyLlama-1.1B-Chat-v1.0 fine-tuned on BoolQ (data/boolq/{train,dev}.jsonl, README "Datasets"),
+# Paper Table 4: TinyLlama-1.1B-Chat-v1.0 fine-tuned on BoolQ (data/boolq/{train,dev}.jsonl, docs/datasets.md),
 # vanilla and ASI rank 20 on the last 1-5 MLP linears (#Layers), batch 8 x 512 tokens, validated on dev; then the
 # Table-4 layout of `main.py report` (accuracy, Mem MiB, TFLOPs).
 # Runs: $RUN_ROOT/setupA/tinyllama/boolq/{vanilla/l<n>, asi/l<n>_r20}/
-# Weights: the hub when online, else ckpts/hf/TinyLlama-1.1B-Chat-v1.0/ (README "LLMs").
+# Weights: the hub when online, else ckpts/hf/TinyLlama-1.1B-Chat-v1.0/ (docs/llm.md).
 #
 #   bash scripts/table4.sh [DATA_ROOT [RUN_ROOT]]      DRY_RUN=1 prints the commands; see scripts/common.sh
 #   METHODS="vanilla asi"  LAYERS="1 2 3 4 5"  EPOCHS=1

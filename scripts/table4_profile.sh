@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Paper Table 4's Mem and TFLOPs columns without weights, data or a download: `main.py profile` of TinyLlama-1.1B
 # (its shipped config, shape-only: FakeTensorMode runs the real graph without arithmetic) at batch 128 x 512 tokens
-# (the shape that reproduces the table, README "LLMs"), vanilla and ASI rank 20 on #Layers 1-5, plus LoRA (r 8)
+# (the shape that reproduces the table, docs/llm.md), vanilla and ASI rank 20 on #Layers 1-5, plus LoRA (r 8)
 # and LoRA + ASI; then scripts/table4_table.py prints the side-by-side table (ours vs the paper) and the measured
 # activation memory.
 # Output: $RUN_ROOT/table4/profile/<method>_<n>.json, the JSON line profile prints last (all its output: .json.log).

@@ -7,7 +7,7 @@
       ImageSets/Segmentation/{train.txt, aug.txt, val.txt}
 
   training = train.txt (labels in SegmentationClass) + aug.txt (SegmentationClassAug), as mmseg's
-  ``pascal_voc12_aug.py``; validation = val.txt. README "Segmentation data" says how to build it.
+  ``pascal_voc12_aug.py``; validation = val.txt. docs/segmentation.md ("Data") says how to build it.
 * ``cityscapes``: 19 classes, ``<root>/cityscapes/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` and
   ``gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png`` (mmseg's ``convert_datasets/cityscapes.py``).
 * ``digit_scenes``: a real bundled dataset for tests and the CPU demo: scenes composed from scikit-learn's
@@ -141,7 +141,7 @@ VOC_HOW_TO = (
     "download VOCtrainval_11-May-2012.tar (http://host.robots.ox.ac.uk/pascal/VOC/voc2012/) and SBD's benchmark.tgz "
     "(https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz), run "
     "mmsegmentation's tools/convert_datasets/voc_aug.py VOCdevkit VOCdevkit/VOCaug (it writes SegmentationClassAug/ "
-    "and aug.txt), then link VOCdevkit/VOC2012 to <root>/voc12aug (README, 'Segmentation data')")
+    "and aug.txt), then link VOCdevkit/VOC2012 to <root>/voc12aug (docs/segmentation.md, 'Data')")
 
 
 def _read_list(path: Path) -> list[str]:
