@@ -4,6 +4,7 @@ Others add memory / FLOPs / timing recorders here; each writes its own keys.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import statistics
 import time
@@ -13,8 +14,9 @@ import pytorch_lightning as pl
 import torch
 
 import asi_core
+from asi_core.peak import inference_peak, peak_of
 
-from .resources import MIB, ActivationMeter, layer_reports, totals
+from .resources import MIB, PEAK_KEYS, ActivationMeter, layer_reports, totals
 from .rundir import write_metrics
 
 
@@ -72,6 +74,11 @@ class ResourceAccounting(pl.Callback):
       ``measured_mib``): once, on the first training batch of the fit, by ``resources.ActivationMeter``
       from the first fine-tuned layer's forward until ``on_before_backward`` (the loss included). The
       meter only watches: that batch trains exactly as the others.
+    * The whole-step peak (``peak_step_mib``, ``peak_step_breakdown``, ``training_overhead_mib``, ...: the keys of
+      ``resources.PEAK_KEYS``, asi_core/peak.py): once, on the first training batch after the first optimiser step
+      (so the optimiser state exists, as in every later step), from ``on_train_batch_start`` to
+      ``on_train_batch_end`` (forward, backward, clipping, the update), then an inference forward of that batch
+      (eval, no_grad) for ``training_overhead_mib``. None in a fit of one batch.
     * Wall time per phase, median over the epoch's batches (``timing``): ``forward_s`` from
       ``on_train_batch_start`` to ``on_before_backward`` (training_step: forward, loss, logging),
       ``backward_s`` to ``on_after_backward``, ``optimizer_s`` from ``on_before_optimizer_step`` to
@@ -85,6 +92,7 @@ class ResourceAccounting(pl.Callback):
         self._measured_layers: dict[str, float] = {}
         self._input_requires_grad: Optional[dict[str, bool]] = None
         self._marks: dict[str, float] = {}
+        self._peak_pending, self._peak_stack, self._peak = True, None, None
         self._reset()
 
     def _reset(self) -> None:
@@ -110,7 +118,24 @@ class ResourceAccounting(pl.Callback):
             self._measure_pending = False
             if asi_core.patched_layers(self._net(pl_module)):
                 self._meter = ActivationMeter(self._net(pl_module), exclude=[pl_module]).start()
+        elif self._peak_pending and trainer.global_step >= 1:  # the optimiser state exists: a step like every later one
+            self._peak_pending, self._peak_stack = False, contextlib.ExitStack()
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            self._peak = self._peak_stack.enter_context(peak_of(pl_module, optimizer, batch, pl_module.device))
         self._marks = {"start": self._now(pl_module)}
+
+    def _finish_peak(self, pl_module, batch) -> None:
+        if self._peak_stack is None:
+            return
+        stack, self._peak_stack = self._peak_stack, None
+        stack.close()
+        self._peak["inference_peak_mib"] = inference_peak(pl_module, batch[0], batch, pl_module.device)
+        self._peak["training_overhead_mib"] = self._peak["peak_step_mib"] - self._peak["inference_peak_mib"]
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._peak_stack is not None:
+            self._peak_stack.close()
+            self._peak_stack, self._peak = None, None
 
     def _stop_meter(self) -> None:
         if self._meter is None:
@@ -134,6 +159,7 @@ class ResourceAccounting(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         end = self._now(pl_module)
         self._stop_meter()  # in case no backward ran on this batch
+        self._finish_peak(pl_module, batch)
         m = self._marks
         for key, a, b in (("forward_s", "start", "before_backward"), ("backward_s", "before_backward", "after_backward"),
                           ("optimizer_s", "before_optimizer", None)):
@@ -168,6 +194,7 @@ class ResourceAccounting(pl.Callback):
         out.update({f"{k}_peak": v for k, v in acc["peaks"].items() if k == "activation_mib" or k.endswith("_gflops")})
         out.update(self._measured or {"measured_activation_mib": None, "measured_mask_mib": None,
                                       "measured_layers_mib": None})
+        out.update({k: (self._peak or {}).get(k) for k in PEAK_KEYS})
         out["timing"] = {k: (statistics.median(v) if v else None) for k, v in self._times.items()}
         out["timing"]["batches"] = len(self._times["forward_s"])
         layers = []

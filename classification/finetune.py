@@ -548,13 +548,17 @@ def bn_after_first(net: nn.Module, first: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- 9. optimiser recipe
-def configure_optimizers(params: list, hp, trainer=None):
-    """SGD or Adam over ``params`` with the learning-rate schedule of ``hp`` (warm-up, cosine or constant, per step
-    or per epoch), as Lightning's ``configure_optimizers`` returns it."""
+def make_optimizer(params: list, hp) -> torch.optim.Optimizer:
+    """The recipe's optimiser over ``params``: SGD (lr, momentum, weight decay) or Adam (lr, betas, weight decay)."""
     if hp.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas))
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas))
+
+
+def configure_optimizers(params: list, hp, trainer=None):
+    """The recipe's optimiser over ``params`` with the learning-rate schedule of ``hp`` (warm-up, cosine or constant,
+    per step or per epoch), as Lightning's ``configure_optimizers`` returns it."""
+    opt = make_optimizer(params, hp)
     if hp.scheduler == "constant" and hp.warmup_epochs == 0:
         return opt
     max_epochs = trainer.max_epochs if trainer is not None else None

@@ -33,9 +33,10 @@ from torch import nn
 import asi_core
 from asi_core import accounting
 from asi_core.lean import SavedTensorMeter
+from asi_core.peak import training_peak
 from asi_core.recompute import RecomputeMeter
 
-from .finetune import LoRA, method_info
+from .finetune import LoRA, make_optimizer, method_info
 
 __all__ = ["ActivationMeter", "layer_reports", "totals", "resource_summary", "profile_step", "profile_report",
            "MASK_DTYPES"]
@@ -189,6 +190,12 @@ def profile_step(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = 
     return out
 
 
+# The whole-step peak (asi_core/peak.py): everything live at once in a training step, itemised, and what training
+# adds to an inference forward of the same batch; the two measures beside the one reported (see its docstring).
+PEAK_KEYS = ("peak_step_mib", "peak_step_breakdown", "training_overhead_mib", "inference_peak_mib",
+             "peak_step_source", "peak_step_tensor_mib", "peak_step_allocator_mib")
+
+
 def reported_options(net: nn.Module, hp) -> dict:
     """The method's own options as ``profile`` reports them (``Option.reported``): as set, or the patched layers'
     values where those differ per layer (the gradient filter's radii of the segmentation layer sets, Table 3)."""
@@ -207,10 +214,12 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
                    seed: int = 0, max_length: Optional[int] = None) -> dict:
     """``main.py profile``: one training step of a ``ClassificationModel`` (its hparams name the backbone,
     method and options) on random input (batch_size, 3, resolution, resolution), or for a language model
-    (``model.net.is_language_model``) random token ids (batch_size, max_length), and random labels, with an
-    SGD step at the model's lr; returns the JSON object the command prints (schema in docs/resources.md).
-    A network built shape-only (``model.net.fake_mode``, classification/llm.py) runs the whole step under its
-    FakeTensorMode: real shapes, saved tensors and FLOP counts, no arithmetic and no memory."""
+    (``model.net.is_language_model``) random token ids (batch_size, max_length), and random labels, with a step of
+    the run's optimiser (--model.optimizer ...); then a second step measured whole (``peak_step_mib``, its
+    breakdown, ``training_overhead_mib``: asi_core/peak.py). Returns the JSON object the command prints (schema in
+    docs/resources.md). A network built shape-only (``model.net.fake_mode``, classification/llm.py) runs the whole
+    step under its FakeTensorMode: real shapes, saved tensors and FLOP counts, no arithmetic and no memory (its
+    peak is the tensor-level one)."""
     hp = model.hparams
     net = getattr(model, "net", model)
     text = getattr(net, "is_language_model", False)
@@ -225,8 +234,9 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
         y = y.to(device)  # (B,), or (B, H, W) for segmentation (the task's labels)
         if fake_mode is None:
             model.to(device)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
-        res = profile_step(model, x, y, optimizer=optimizer)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], hp)  # the run's (its state)
+        res = profile_step(model, x, y, optimizer=optimizer)  # also the warm-up of the whole-step peak below
+        peak = training_peak(model, x, y, model.criterion, optimizer, device)
     options = reported_options(net, hp)
     shape = {"max_length": max_length or resolution} if text else {"resolution": resolution}
     out = {"model": hp.backbone, "method": hp.method, "num_finetune": hp.num_finetune,
@@ -246,6 +256,7 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     if factor != 1:
         out.update(paper_gflops=out["paper_gflops"] * factor, paper_flops_per_mac=factor)
     out["analytic_plus_mask_mib"] = res["activation_mib"] + res["measured_mask_mib"]
+    out.update({k: peak[k] for k in PEAK_KEYS})
     layer_keys = ("name", "input_shape", "output_shape", "ranks", "memory_mib", "measured_mib", "forward_flops",
                   "backward_flops", "overhead_flops", "core_flops", "input_grad_flops", "paper_forward_flops",
                   "paper_backward_flops")
