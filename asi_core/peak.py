@@ -233,7 +233,8 @@ def training_peak(model: nn.Module, x, y, loss_fn: Callable, optimizer: torch.op
     """The whole-step peak of one training step of ``model`` on ``(x, y)`` (forward, ``loss_fn``, backward,
     ``optimizer.step()``, ``zero_grad``; run one step first so that the optimiser state exists, as in training),
     and ``training_overhead_mib``: that peak minus the peak of an inference forward of the same batch (``eval``,
-    ``no_grad``), what training adds on top of running the model."""
+    ``no_grad``), what training adds on top of running the model; ``step_time_s``: the wall time of one more such
+    step with nothing measuring it (None shape-only)."""
     def train_step():
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -243,7 +244,21 @@ def training_peak(model: nn.Module, x, y, loss_fn: Callable, optimizer: torch.op
     was_training = model.training
     model.train()
     out = step_peak(model, train_step, optimizer, (x, y), device)
+    out["step_time_s"] = None if out["peak_step_allocator_mib"] is None else _timed(train_step, device)
     model.train(was_training)
     out["inference_peak_mib"] = inference_peak(model, x, (x, y), device)
     out["training_overhead_mib"] = out["peak_step_mib"] - out["inference_peak_mib"]
     return out
+
+
+def _timed(step: Callable[[], None], device: Optional[torch.device]) -> float:
+    import time
+
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

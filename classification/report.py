@@ -47,8 +47,16 @@ __all__ = ["collect", "format_table", "pareto_plots", "report", "CSV_COLUMNS"]
 CSV_COLUMNS = ("method", "num_finetune", "accuracy", "activation_mib", "gflops",
                "setup", "model", "dataset", "label", "final_accuracy", "best_accuracy", "accuracy_source",
                "gflops_source", "mem_peak", "gflops_peak", "measured_activation_mib", "train_gflops", "paper_gflops", "forward_gflops",
-               "backward_gflops", "overhead_gflops", "runs", "run_dir", "status", "task", "macc")
+               "backward_gflops", "overhead_gflops", "runs", "run_dir", "status", "task", "macc", "peak_step_mib",
+               "training_overhead_mib", "mem_mib", "mem_source")
 MISSING = "–"
+# Which memory the Mem column shows (--mem): the paper's count, what autograd keeps, or the whole-step peak
+MEMORY = {"paper": ("activation_mib", "Mem: the paper's count, the fine-tuned layers' inputs as each method stores them "
+                                      "(activation_mib)"),
+          "saved": ("measured_activation_mib", "Mem: what autograd keeps, measured from the first fine-tuned layer "
+                                               "to the loss (measured_activation_mib)"),
+          "peak": ("peak_step_mib", "Mem: the whole-step peak, everything live at once in a training step "
+                                    "(peak_step_mib, asi_core/peak.py)")}
 PathLike = Union[str, Path]
 
 
@@ -171,6 +179,7 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
         "best_accuracy": None if best is None else 100 * best,
         "activation_mib": mem, "gflops": gflops, "gflops_source": flops, "mem_peak": mem_peak, "gflops_peak": gflops_peak,
         "measured_activation_mib": resource("measured_activation_mib")[0],
+        "peak_step_mib": resource("peak_step_mib")[0], "training_overhead_mib": resource("training_overhead_mib")[0],
         "train_gflops": train, "paper_gflops": paper,
         "forward_gflops": _num(res.get("forward_gflops")), "backward_gflops": _num(res.get("backward_gflops")),
         "overhead_gflops": _num(res.get("overhead_gflops")),
@@ -200,14 +209,16 @@ def _sort_key(row: dict):
 
 
 def collect(run_dirs: Union[PathLike, Sequence[PathLike]], accuracy: Literal["final", "best"] = "final",
-            flops: Literal["train", "paper"] = "train", warn=None) -> list[dict]:
+            flops: Literal["train", "paper"] = "train", warn=None,
+            mem: Literal["paper", "saved", "peak"] = "paper") -> list[dict]:
     """One row per run configuration found under ``run_dirs`` (each a directory searched recursively for
     metrics.json, or a metrics.json itself), sorted as the paper's tables.
 
     ``accuracy``: "final" (``val_acc``, falling back to ``best_val_acc``) or "best" (the other way round), in
     percent. ``flops``: "train" (our count, ``train_gflops``: forward + weight gradient + compression overhead,
     groups and strides counted) or "paper" (``paper_gflops``: the paper's eq. 15-17 as written, comparable with
-    its tables). Columns ``mem_peak``/``gflops_peak`` say where a ``*_peak`` resource was used (HOSVD). Several runs of one configuration: the latest metrics.json is kept (runs with an accuracy before runs
+    its tables). ``mem``: which memory ``mem_mib`` (the tables' Mem column and the plots) is, ``MEMORY``: "paper"
+    (activation_mib), "saved" (measured_activation_mib) or "peak" (peak_step_mib). Columns ``mem_peak``/``gflops_peak`` say where a ``*_peak`` resource was used (HOSVD). Several runs of one configuration: the latest metrics.json is kept (runs with an accuracy before runs
     without); its row has ``runs`` > 1 and
     ``superseded`` lists the others. ``warn`` (default: print to stderr) receives a line per skipped file.
     """
@@ -234,6 +245,7 @@ def collect(run_dirs: Union[PathLike, Sequence[PathLike]], accuracy: Literal["fi
         source = next((k for k in order if row[k] is not None), None)
         row["accuracy"] = row[source] if source and row["status"] != "diverged" else None
         row["accuracy_source"] = {"final_accuracy": "val_acc", "best_accuracy": "best_val_acc"}.get(source)
+        row["mem_mib"], row["mem_source"] = row[MEMORY[mem][0]], mem
         key = (row["setup"], row["model"], row["dataset"], row["method"], row["label"], str(row["num_finetune"]))
         old = best.get(key)
         if old is None or row["_recency"] >= old["_recency"]:
@@ -296,8 +308,9 @@ def _md(rows: Sequence[dict]) -> str:
                              f"no accuracy to report.")
                 mark += f"<sup>{len(notes)}</sup>"
             flops = r["gflops"] if not llm or r["gflops"] is None else spec.report_flops_per_mac * r["gflops"] / 1000
-            lines.append(f"| {name} | {n}{mark} | {acc} | {_fmt(r['activation_mib'])} | {_fmt(flops)} |")
+            lines.append(f"| {name} | {n}{mark} | {acc} | {_fmt(r.get('mem_mib', r['activation_mib']))} | {_fmt(flops)} |")
         lines.append("")
+        lines.append(f"{MEMORY[group[0].get('mem_source', 'paper')][1]}.  ")
         if llm:
             lines.append("TFLOPs as in the paper's Table 4: 2 FLOPs per multiply-add (Tables 1-2 count 1).  ")
         peaks = [what for what, key in (("activation memory", "mem_peak"), ("GFLOPs", "gflops_peak"))
@@ -325,10 +338,12 @@ def _md_segmentation(model: str, dataset: str, group: Sequence[dict]) -> str:
         name = r["label"] if r["label"] != prev else ""
         prev = r["label"]
         tflops = None if r["gflops"] is None else r["gflops"] / 1000
-        lines.append(f"| {name} | {n} | {_fmt(r['accuracy'])} | {_fmt(r['macc'])} | {_fmt(r['activation_mib'])} | "
+        lines.append(f"| {name} | {n} | {_fmt(r['accuracy'])} | {_fmt(r['macc'])} | {_fmt(r.get('mem_mib', r['activation_mib']))} | "
                      f"{_fmt(tflops)} |")
-    lines += ["", "mIoU/mAcc on the validation set (mmseg's definitions); Mem: activation memory of the compressed "
-                  "layers; TFLOPs per training step (see the GFLOPs note of the classification tables).  "]
+    mem = ("Mem: activation memory of the compressed layers" if group[0].get("mem_source", "paper") == "paper"
+           else MEMORY[group[0].get("mem_source", "paper")][1])
+    lines += ["", f"mIoU/mAcc on the validation set (mmseg's definitions); {mem}; TFLOPs per training step (see the "
+                  f"GFLOPs note of the classification tables).  "]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -390,9 +405,10 @@ def pareto_plots(rows: Sequence[dict], out_dir: PathLike) -> list[Path]:
             style, face = _STYLES[k % len(_STYLES)], (None if k == 0 else "white")
             styles_used[method] += 1
             pts = sorted(pts, key=lambda r: _layers_key(r["num_finetune"], all_first=False))
-            for ax, key in zip(axes, ("activation_mib", "gflops")):
-                xy = [(r[key], r["accuracy"], r["num_finetune"]) for r in pts
-                      if r[key] is not None and r[key] > 0 and r["accuracy"] is not None]
+            for ax, key in zip(axes, ("mem_mib", "gflops")):
+                xy = [(r.get(key, r["activation_mib"]), r["accuracy"], r["num_finetune"]) for r in pts
+                      if r.get(key, r["activation_mib"]) is not None and r.get(key, r["activation_mib"]) > 0
+                      and r["accuracy"] is not None]
                 if not xy:
                     continue
                 plotted = True
@@ -402,7 +418,9 @@ def pareto_plots(rows: Sequence[dict], out_dir: PathLike) -> list[Path]:
                 for x, y, n in xy:
                     ax.annotate("All" if n == "all" else str(n), (x, y), textcoords="offset points",
                                 xytext=(4, 4), fontsize=7, color=_style(method)[0] or "black")
-        for ax, xlabel in zip(axes, ("Activation memory (MiB)", "GFLOPs per training step" +
+        memory = {"paper": "Activation memory (MiB)", "saved": "Saved by autograd (MiB)",
+                  "peak": "Whole-step peak (MiB)"}[group[0].get("mem_source", "paper")]
+        for ax, xlabel in zip(axes, (memory, "GFLOPs per training step" +
                                      (" (paper's count)" if group[0]["gflops_source"] == "paper" else ""))):
             if plotted:
                 ax.set_xscale("log")
@@ -436,7 +454,7 @@ def pareto_plots(rows: Sequence[dict], out_dir: PathLike) -> list[Path]:
 # ------------------------------------------------------------------------------------------ command
 def report(run_dirs: List[str], format: Literal["md", "csv"] = "md", out: Optional[str] = None,
            plots: Optional[str] = None, no_plots: bool = False, accuracy: Literal["final", "best"] = "final",
-           flops: Literal["train", "paper"] = "train") -> None:
+           flops: Literal["train", "paper"] = "train", mem: Literal["paper", "saved", "peak"] = "paper") -> None:
     """Paper-style tables (Table 1/2) and Pareto figures from the metrics.json files of finished runs.
 
     Usage: main.py report RUN_DIR... [--format md|csv] [--out FILE] [--plots DIR] (run directories first).
@@ -450,9 +468,11 @@ def report(run_dirs: List[str], format: Literal["md", "csv"] = "md", out: Option
         no_plots: Write no figures.
         accuracy: final (val_acc at the end of training) or best (best_val_acc); the other is the fallback.
         flops: train (our count of a training step) or paper (the paper's eq. 15-17 as written).
+        mem: Which memory the Mem column and the plots show: paper (the fine-tuned layers' inputs as stored, the
+            paper's Mem), saved (what autograd keeps, measured) or peak (the whole-step peak of a training step).
     """
     try:
-        rows = collect(run_dirs, accuracy=accuracy, flops=flops)
+        rows = collect(run_dirs, accuracy=accuracy, flops=flops, mem=mem)
     except FileNotFoundError as e:
         raise SystemExit(f"report: {e}") from None
     if not rows:

@@ -194,6 +194,7 @@ def profile_step(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = 
 # adds to an inference forward of the same batch; the two measures beside the one reported (see its docstring).
 PEAK_KEYS = ("peak_step_mib", "peak_step_breakdown", "training_overhead_mib", "inference_peak_mib",
              "peak_step_source", "peak_step_tensor_mib", "peak_step_allocator_mib")
+PROFILE_PEAK_KEYS = (*PEAK_KEYS, "step_time_s")  # profile times one more step, unmeasured
 
 
 def reported_options(net: nn.Module, hp) -> dict:
@@ -256,7 +257,7 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     if factor != 1:
         out.update(paper_gflops=out["paper_gflops"] * factor, paper_flops_per_mac=factor)
     out["analytic_plus_mask_mib"] = res["activation_mib"] + res["measured_mask_mib"]
-    out.update({k: peak[k] for k in PEAK_KEYS})
+    out.update({k: peak[k] for k in PROFILE_PEAK_KEYS})
     layer_keys = ("name", "input_shape", "output_shape", "ranks", "memory_mib", "measured_mib", "forward_flops",
                   "backward_flops", "overhead_flops", "core_flops", "input_grad_flops", "paper_forward_flops",
                   "paper_backward_flops")

@@ -145,3 +145,17 @@ def test_peak_of_restores_every_hook_and_mode():
     assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     assert _get_current_dispatch_mode() is None
+
+
+def test_report_shows_the_memory_it_is_asked_for(run_cli, tmp_path):
+    from classification.report import collect, format_table
+
+    cli = run_cli("fit", "--config", "configs/methods/asi.yaml")
+    res = json.loads((cli.run_dir / "metrics.json").read_text())["resources"]
+    for mem, key, says in (("paper", "activation_mib", "the paper's count"),
+                           ("saved", "measured_activation_mib", "what autograd keeps"),
+                           ("peak", "peak_step_mib", "the whole-step peak")):
+        rows = collect(tmp_path / "runs", mem=mem, warn=lambda msg: None)
+        assert rows[0]["mem_mib"] == pytest.approx(res[key]) and rows[0]["mem_source"] == mem
+        assert says in format_table(rows, "md")
+    assert rows[0]["peak_step_mib"] == pytest.approx(res["peak_step_mib"])
