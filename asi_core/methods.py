@@ -248,10 +248,7 @@ class GradFilter(Method):
         r = options.get("radius")
         if r == "authors":  # per-layer radii of an explicit layer set (Table 3's segmentation rows)
             return "Gradient filter (authors' radii)", (0.0,)
-        label = f"Gradient filtering R{r}" if r is not None else "Gradient filtering"
-        if cls.accounting == "gradfilter_paper":  # the authors' op: the paper's row
-            label += " (authors' op)"
-        return label, (_number(r),)
+        return (f"Gradient filtering R{r}" if r is not None else "Gradient filtering"), (_number(r),)
 
     @classmethod
     def run_name(cls, options):
@@ -582,6 +579,11 @@ class GradFilterPaper(GradFilter):
     layer_types = ("conv",)
     report_order = 15
     accounting = "gradfilter_paper"
+
+    @classmethod
+    def report_label(cls, options):
+        label, key = super().report_label(options)
+        return (label if options.get("radius") == "authors" else f"{label} (authors' op)"), key  # the paper's row
 
     def weight_grad_closure(self, ops, x, g, shape):
         x_sum = ops.paper_filter_input(x, self.radius)

@@ -23,6 +23,7 @@ The two agree within a few per cent on real steps (tests/test_peak.py). ``step_p
 from __future__ import annotations
 
 import contextlib
+import gc
 import weakref
 from typing import Callable, Iterable, Optional
 
@@ -194,11 +195,30 @@ def peak_of(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
     fake = any(isinstance(p, torch._subclasses.FakeTensor) for p in model.parameters())
     use_allocator = allocator and not fake and device.type in ("cpu", "cuda")
     out: dict = {}
+    # garbage of earlier work freed by the collector inside the block would lower the allocator's running total
+    # (it was allocated before the block): collect it first, and let no collection run inside
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with _measured(model, optimizer, batch, device, use_allocator) as (alloc, meter):
+            yield out
+    finally:
+        if was_enabled:
+            gc.enable()
+    _fill(out, alloc, meter, device, fake)
+
+
+@contextlib.contextmanager
+def _measured(model, optimizer, batch, device, use_allocator):
     with allocator_peak(device) if use_allocator else contextlib.nullcontext({"peak_bytes": None}) as alloc:
         with StepMemory(model, optimizer, batch) as meter:
             if use_allocator and device.type == "cpu":
                 alloc["start_bytes"] = meter.start
-            yield out
+            yield alloc, meter
+
+
+def _fill(out: dict, alloc: dict, meter: StepMemory, device: torch.device, fake: bool) -> None:
     out.update(meter.mib())
     out["peak_step_tensor_mib"] = out["peak_step_mib"]
     out["peak_step_allocator_mib"] = None if alloc["peak_bytes"] is None else alloc["peak_bytes"] / MIB

@@ -54,6 +54,8 @@ from .callbacks import ResourceAccounting, RunStatus, WeightsDigest
 from .data import ClassificationData, check_data_options, input_shape_of, num_classes_of
 from .lifecycle import (Run, RunRefused, checkpoint_provenance, file_sha256,  # noqa: F401 (re-exported)
                         setup_b_checkpoint)
+from asi_core.methods import Vanilla
+
 from .finetune import naming_options
 from .measure import measure_exp_name
 from .model import ASI_DEFAULT_RANKS, MODEL_METHODS, ClassificationModel, RandomBackboneWarning, check_model_options
@@ -251,7 +253,7 @@ class ASICLI(LightningCLI):
     def _subcommand_defaults(self, cfg: Namespace) -> None:
         m = cfg.model
         if self.subcommand == "measure":  # the fit's weights; vanilla, every layer trainable (nothing is optimised)
-            m.method, m.num_finetune, m.ranks, m.perplexity_file, m.budget = "vanilla", "all", None, None, None
+            m.method, m.num_finetune, m.ranks, m.perplexity_file, m.budget = Vanilla.name, "all", None, None, None
         if self.subcommand == "profile" and m.ranks is None and m.get("perplexity_file") is None:
             m.ranks = 1  # profile's asi default (fit's: 4); given ranks or a perplexity file win
         if self.subcommand == "benchmark" and m.ranks is None and m.get("perplexity_file") is None:
@@ -414,7 +416,7 @@ class ASICLI(LightningCLI):
             "nonfinite_train_steps": int(getattr(self.model, "nonfinite_steps", 0)),
         }
         monitor = getattr(self.model, "monitor", "val/acc")  # val/acc, or val/miou for segmentation
-        for key in ("val/acc", "val/miou", "val/macc", "val/aacc"):
+        for key in (f"val/{score}" for score in self.model.objective.scores):  # the task's (acc; miou, macc, aacc)
             if key in cm:
                 out[key.replace("/", "_")] = float(cm[key])
         if ck is not None:

@@ -31,7 +31,7 @@ import asi_core
 import asi_core.ranks as ranks_lib
 from asi_core.methods import Option
 
-from .registry import ModelSpec, create_model
+from .registry import ModelSpec, create_model, get_spec
 
 ASI_DEFAULT_RANKS = 4  # --model.ranks when neither ranks nor a perplexity file is given
 _BN = nn.modules.batchnorm._BatchNorm
@@ -153,13 +153,14 @@ def check_model_options(method: str = "vanilla", num_finetune="all", lr: float =
     return warnings_
 
 
-def check_options(hp, spec: ModelSpec, models: dict[str, ModelSpec]) -> list[str]:
-    """Every check that needs no network, in the order a user meets them; returns the warnings to show.
-    ``models``: the model registry (a family option given to a backbone whose family does not take it is refused,
-    naming the backbones that do)."""
+def check_options(hp, models: dict[str, ModelSpec]) -> list[str]:
+    """Every check that needs no network, in the order a user meets them (the method, the numbers, then what the
+    model spec says); returns the warnings to show. ``models``: the model registry (a family option given to a
+    backbone whose family does not take it is refused, naming the backbones that do)."""
     if hp.method not in MODEL_METHODS:
         raise ValueError(f"Unknown method {hp.method!r}; valid choices: {', '.join(MODEL_METHODS)}")
     messages = check_model_options(**dict(hp))
+    spec = get_spec(hp.backbone)
     if hp.checkpointing and hp.recompute:
         raise ValueError("--model.checkpointing and --model.recompute both recompute the fine-tuned region; "
                          "choose one (checkpointing: whole blocks, patched layers included; recompute: only "
@@ -174,11 +175,12 @@ def check_options(hp, spec: ModelSpec, models: dict[str, ModelSpec]) -> list[str
                          f"data-dependent choice, and {hp.method}'s ranks come from the data: pass --model.shape_only "
                          f"false (a real step with random weights) or profile asi with --model.ranks")
     family_options = dict.fromkeys(k for other in models.values() for k in other.options)
-    foreign = [k for k in family_options if k not in spec.options and hp.get(k) not in (None, False)]
+    foreign = [k for k in family_options if k not in spec.options and hp.get(k) is not None and hp.get(k) is not False]
     if foreign:
         owners = [n for n, other in models.items() if set(foreign) <= set(other.options)]
-        raise ValueError(f"--model.{', --model.'.join(foreign)}: not an option of {hp.backbone}; for the backbones "
-                         f"whose family takes {'them' if len(foreign) > 1 else 'it'} ({', '.join(owners)})")
+        names = ", ".join(family_options)
+        raise ValueError(f"--model.{names} are for the backbones whose family takes them ({', '.join(owners)}), not "
+                         f"{hp.backbone} (given: {', '.join(foreign)})")
     return messages
 
 

@@ -30,8 +30,8 @@ from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import torch
 
-from .backbones import ckpt_dir
-from .model import load_checkpoint_file
+from .finetune import load_checkpoint_file
+from .weights import ckpt_dir
 from .rundir import METRICS_FILE, read_metrics, run_settings, settings_diff, settings_hash, write_metrics
 
 

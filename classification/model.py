@@ -148,9 +148,10 @@ class ClassificationModel(pl.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        hp, spec = self.hparams, get_spec(backbone)
-        for msg in core.check_options(hp, spec, MODELS):
+        hp = self.hparams
+        for msg in core.check_options(hp, MODELS):  # the method and the numbers first, then the model's
             rank_zero_warn(msg)
+        spec = get_spec(backbone)
         self.nonfinite_steps = 0  # training steps whose loss was NaN/inf (metrics.json, "diverged")
         self.paper_flops_per_mac = spec.paper_flops_per_mac  # scales paper_gflops (resources, metrics.json)
         self.layer_type = layer_type or spec.layer_type

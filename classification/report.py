@@ -106,12 +106,16 @@ def _model_spec(model: str):
     return MODELS.get(model)
 
 
-def _task(model: str):
+def _task(model: str, data: dict):
+    """The model spec's task; for a model no longer registered, the task whose monitored score the run recorded."""
     from . import families  # noqa: F401  every task registered
-    from .tasks import get_task
+    from .tasks import TASKS, get_task
 
     spec = _model_spec(model)
-    return get_task(spec.task if spec is not None else "classification")
+    if spec is not None:
+        return get_task(spec.task)
+    recorded = [t for t in TASKS.values() if t.monitor.replace("/", "_") in data]
+    return recorded[-1] if recorded else get_task("classification")
 
 
 def _label(method: str, args: dict) -> tuple[str, tuple]:
@@ -140,8 +144,9 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     if method is None or (_method(method) is None and not (settings.get("method") or model_args.get("method"))):
         return None  # e.g. a measure/ or profile/ folder without settings: not a training run
     model = str(setting("model", "backbone") or MISSING)
-    args = naming_options({k: setting(k, sources=(model_args, settings)) for k in {*model_args, *settings}},
-                          _model_spec(model))
+    args = {k: setting(k, sources=(model_args, settings)) for k in {*model_args, *settings}}
+    args["num_finetune"] = _layers(setting("num_finetune"))  # old runs: from the folder name (l5_...)
+    args = naming_options(args, _model_spec(model))
     label, variant = _label(str(method), args)
     if args.get("lora") and _method(method) is not LoRA:  # LoRA adapters whose lora_A inputs the method compresses
         label, variant = f"LoRA r{args['lora_rank']} + {label}", (1, *variant)
@@ -165,7 +170,7 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     train, train_peak = resource("train_gflops")
     paper, paper_peak = resource("paper_gflops")
     gflops, gflops_peak = (train, train_peak) if flops == "train" else (paper, paper_peak)
-    task = _task(model)  # its monitored score (val/acc, val/miou) is the table's accuracy, as a fraction
+    task = _task(model, data)  # its monitored score (val/acc, val/miou) is the table's accuracy, as a fraction
     key, scale = task.monitor.replace("/", "_"), 100 if task.monitor_percent else 1
     final, best = (None if _num(data.get(k)) is None else _num(data[k]) / scale for k in (key, f"best_{key}"))
     return {

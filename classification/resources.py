@@ -206,6 +206,9 @@ def reported_options(net: nn.Module, hp) -> dict:
         if not opt.reported:
             continue
         values = [(layer.options or {}).get(k) for layer in layers]
+        if k not in hp:  # an option with no --model flag (a method registered from outside): what the layers use
+            out[k] = values[0] if values and len({repr(v) for v in values}) == 1 else (values or opt.default)
+            continue
         differ = hp.get(k) is not None and len({repr(v) for v in values}) > 1
         out[k] = values if differ else hp.get(k)
     return out

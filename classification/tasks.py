@@ -41,6 +41,7 @@ class Task:
     name = ""
     monitor = ""  # what ModelCheckpoint keeps the best of (maximised); the report's accuracy column
     monitor_percent = False  # the monitored score is logged in percent (the report shows every score in percent)
+    scores: tuple[str, ...] = ()  # the validation scores metrics.json records (val_<score>)
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
@@ -83,6 +84,7 @@ class ClassificationTask(Task):
     default would be macro)."""
 
     monitor = "val/acc"
+    scores = ("acc",)
 
     def criterion(self):
         return nn.CrossEntropyLoss()

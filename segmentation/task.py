@@ -14,6 +14,7 @@ from .metrics import SegmentationScores
 @register_task("segmentation")
 class SegmentationTask(Task):
     monitor = "val/miou"
+    scores = ("miou", "macc", "aacc")
     monitor_percent = True  # mIoU/mAcc/aAcc in percent, as mmseg (segmentation/metrics.py)
 
     def criterion(self):
