@@ -17,8 +17,10 @@ from pathlib import Path
 
 SETTINGS = {"mcunet": "MCUNet, 2 layers, frozen BN, batch 64, 224",
             "mcunet_bn": "MCUNet, 2 layers, the authors' trainable BN affine, batch 64, 224",
+            "mcunet_all": "MCUNet, all 42 layers, frozen BN, batch 64, 224",
             "resnet18": "ResNet-18, 2 layers, frozen BN, batch 64, 224",
             "resnet18_bn": "ResNet-18, 2 layers, the authors' trainable BN affine, batch 64, 224",
+            "resnet18_all": "ResNet-18, all 20 layers, frozen BN, batch 64, 224",
             "swin_t": "Swin-T, 4 mlp layers, batch 64, 224",
             "vit_b_32": "ViT-B/32, 4 mlp layers, batch 64, 224",
             "tinyllama_blocks": "TinyLlama width, last 2 blocks, 5 layers, 8 x 512 tokens",

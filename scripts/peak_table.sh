@@ -9,7 +9,8 @@
 # Output: $RUN_ROOT/peak/<setting>/<variant>.json, the JSON line profile prints last (all its output: .json.log).
 #
 #   bash scripts/peak_table.sh [DATA_ROOT [RUN_ROOT]]      DRY_RUN=1 prints the commands; see scripts/common.sh
-#   SETTINGS="mcunet mcunet_bn resnet18 resnet18_bn swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18"
+#   SETTINGS="mcunet mcunet_bn mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama
+#             pspnet_r18"
 #   VARIANTS="vanilla vanilla_ckpt asi asi_recompute asi_ckpt"
 #
 # Expected runtime on a shared 2-core CPU: about 40 minutes (the real-width TinyLlama blocks at 8 x 512 tokens and
@@ -21,7 +22,9 @@ setting_args() {
         mcunet) args=(--config configs/models/mcunet.yaml --model.num_finetune 2 --data.batch_size 64 --data.resolution 224) ;;
         mcunet_bn) args=(--config configs/models/mcunet.yaml --model.num_finetune 2 --data.batch_size 64 --data.resolution 224
                          --model.train_bn_affine true) ;;
+        mcunet_all) args=(--config configs/models/mcunet.yaml --model.num_finetune all --data.batch_size 64 --data.resolution 224) ;;
         resnet18) args=(--config configs/models/resnet18.yaml --model.num_finetune 2 --data.batch_size 64 --data.resolution 224) ;;
+        resnet18_all) args=(--config configs/models/resnet18.yaml --model.num_finetune all --data.batch_size 64 --data.resolution 224) ;;
         resnet18_bn) args=(--config configs/models/resnet18.yaml --model.num_finetune 2 --data.batch_size 64
                            --data.resolution 224 --model.train_bn_affine true) ;;
         swin_t) args=(--config configs/models/swin_t.yaml --model.num_finetune 4 --data.batch_size 64 --data.resolution 224) ;;
@@ -34,11 +37,11 @@ setting_args() {
         pspnet_r18) args=(--config configs/recipes/segmentation.yaml --config configs/segmentation/pspnet_r18.yaml
                           --config configs/data/digit_scenes.yaml --model.num_finetune 5 --data.batch_size 8
                           --data.resolution 512) ;;
-        *) die "unknown setting '$1' (mcunet mcunet_bn resnet18 resnet18_bn swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18)" ;;
+        *) die "unknown setting '$1' (mcunet mcunet_bn mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18)" ;;
     esac
 }
 
-for setting in ${SETTINGS:-mcunet mcunet_bn resnet18 resnet18_bn swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18}; do
+for setting in ${SETTINGS:-mcunet mcunet_bn mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18}; do
     setting_args "$setting"
     ranks=2; [[ "$setting" == tinyllama* ]] && ranks=20
     for variant in ${VARIANTS:-vanilla vanilla_ckpt asi asi_recompute asi_ckpt}; do
