@@ -159,3 +159,24 @@ def test_report_shows_the_memory_it_is_asked_for(run_cli, tmp_path):
         assert rows[0]["mem_mib"] == pytest.approx(res[key]) and rows[0]["mem_source"] == mem
         assert says in format_table(rows, "md")
     assert rows[0]["peak_step_mib"] == pytest.approx(res["peak_step_mib"])
+
+
+def test_the_peak_table_script_prints_every_setting_and_the_committed_table():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    dry = subprocess.run(["bash", "scripts/peak_table.sh"], cwd=repo, env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr[-1000:]
+    commands = [line for line in dry.stdout.splitlines() if "main.py profile" in line]
+    assert len(commands) == 11 * 5 and all("--model.method" in c for c in commands)
+    table = subprocess.run([sys.executable, "scripts/peak_table.py", "docs/benchmarks/peak"], cwd=repo,
+                           capture_output=True, text=True, timeout=60).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert len(rows) == 55
+    doc = (repo / "docs" / "peak_memory.md").read_text()
+    assert all(row in doc for row in rows)  # the docs show the committed measurements, unedited
+    mcunet_all_asi = next(r for r in rows if r.startswith("| MCUNet, all 42 layers") and "| asi |" in r)
+    assert "| 0.21 |" in mcunet_all_asi
