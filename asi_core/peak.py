@@ -165,8 +165,14 @@ def allocator_peak(device: torch.device):
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto prints its start/stop (and a CUDA probe) on the process's stderr
+        prof.start()
+    try:
         yield out
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     sizes = []
 
     def walk(node):
@@ -228,6 +234,27 @@ def _fill(out: dict, alloc: dict, meter: StepMemory, device: torch.device, fake:
         out["peak_step_source"] = "tensors (shape-only)" if fake else "tensors"
     breakdown = out["peak_step_breakdown"]
     breakdown["workspace"] = max(0.0, out["peak_step_mib"] - sum(breakdown.values()))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The process's file descriptor 2 to /dev/null for the block (C++ libraries' own prints), restored after."""
+    import os
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no file descriptor 2 (embedded interpreters): nothing to hide
+        yield
+        return
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def step_peak(model: nn.Module, step: Callable[[], None], optimizer: Optional[torch.optim.Optimizer] = None,
