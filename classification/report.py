@@ -319,7 +319,7 @@ def _md(rows: Sequence[dict]) -> str:
         if llm:
             lines.append("TFLOPs as in the paper's Table 4: 2 FLOPs per multiply-add (Tables 1-2 count 1).  ")
         peaks = [what for what, key in (("activation memory", "mem_peak"), ("GFLOPs", "gflops_peak"))
-                 if any(r[key] for r in group)]
+                 if any(r[key] for r in group) and (key != "mem_peak" or group[0].get("mem_source", "paper") == "paper")]
         if peaks:
             lines.append(f"HOSVD: peak {' and '.join(peaks)} over training (paper Sec. 4.1).  ")
         if any(r["gflops_source"] == "train" for r in group):
