@@ -8,6 +8,7 @@ classification task (one class per sample, top-1 accuracy) is here; segmentation
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable, Optional
 
 import torch
@@ -34,7 +35,7 @@ def get_task(name: str) -> type["Task"]:
     return TASKS[name]
 
 
-class Task:
+class Task(abc.ABC):
     """Base class; subclasses set ``monitor`` and implement ``criterion``, ``metrics``, ``step`` and
     ``target_shape``."""
 
@@ -46,22 +47,24 @@ class Task:
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
 
+    @abc.abstractmethod
     def criterion(self) -> nn.Module:
-        raise NotImplementedError
+        """The loss module: ``criterion(output, labels)``."""
 
+    @abc.abstractmethod
     def metrics(self) -> tuple[Optional[nn.Module], Optional[nn.Module], Optional[nn.Module]]:
         """(train, val, test) metric modules (None where a stage has none)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def step(self, module, batch, stage: str, metric) -> torch.Tensor:
         """One batch of ``stage`` ("train", "val", "test"): the loss, with what the task logs through ``module``."""
-        raise NotImplementedError
 
     def epoch_end(self, module, stage: str, metric) -> None:
         """End of an evaluation epoch: scores kept over the epoch are logged here (default: nothing)."""
 
+    @abc.abstractmethod
     def target_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The shape of a batch's labels for (batch_size, 3, resolution, resolution) inputs."""
 
     def random_targets(self, batch_size: int, resolution: int,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
