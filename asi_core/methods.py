@@ -14,6 +14,7 @@ import abc
 import copy
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Optional
@@ -57,6 +58,32 @@ def get_method(name: str) -> type["Method"]:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+class NamesView(Sequence):
+    """A read-only, tuple-like view of names that a function gives anew on every use (a registry's keys): names
+    registered later appear at once, nothing is frozen at import."""
+
+    def __init__(self, names: Callable[[], tuple]):
+        self._names = names
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __eq__(self, other) -> bool:
+        return self._names() == (tuple(other) if isinstance(other, Sequence) else other)
+
+    def __hash__(self):
+        return hash(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 
 import asi_core
 import asi_core.ranks as ranks_lib
-from asi_core.methods import Option
+from asi_core.methods import NamesView, Option, _is_int
 
 from .registry import ModelSpec, create_model, get_spec
 
@@ -76,27 +75,9 @@ class LoRA:
 FRAMEWORK_METHODS: dict[str, type] = {"lora": LoRA}
 
 
-class _ModelMethodNames(Sequence):
-    """--model.method's choices: asi_core's registered methods (a live view: ``@asi_core.register_method`` adds
-    one) followed by the framework's (LoRA)."""
-
-    def _names(self) -> tuple[str, ...]:
-        return (*asi_core.METHODS, *FRAMEWORK_METHODS)
-
-    def __getitem__(self, index):
-        return self._names()[index]
-
-    def __len__(self):
-        return len(self._names())
-
-    def __contains__(self, name):
-        return name in self._names()
-
-    def __repr__(self):
-        return repr(self._names())
-
-
-MODEL_METHODS = _ModelMethodNames()
+# --model.method's choices: asi_core's registered methods (live: @asi_core.register_method adds one), then the
+# framework's (LoRA)
+MODEL_METHODS = NamesView(lambda: (*asi_core.METHODS, *FRAMEWORK_METHODS))
 
 
 def method_info(name: str):
@@ -119,10 +100,6 @@ def user_option_defaults() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- 0. options
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def check_model_options(method: str = "vanilla", num_finetune="all", lr: float = 0.05, momentum: float = 0.0,
                         weight_decay: float = 1e-4, warmup_epochs: int = 0, **options) -> list[str]:
     """Check the numbers of the model options before anything is built: ValueError naming the option, the value and
