@@ -117,15 +117,17 @@ def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = N
 
 
 def unpatch(model: nn.Module) -> list[str]:
-    """Put the plain modules back, carrying the (trained) Parameters; undo lean replacements and recompute.enable."""
+    """Put the plain modules back, carrying the (trained) Parameters; undo lean replacements, recompute.enable and
+    microbatch.enable."""
     names = []
     for name, wrapper in patched_layers(model):
         model.set_submodule(name, wrapper.to_plain())
         names.append(name)
+    from . import microbatch, recompute
     from .lean import unmake_lean
-    from .recompute import disable
     unmake_lean(model)
-    disable(model)  # recompute.enable's segments, if any
+    recompute.disable(model)  # recompute.enable's segments, if any
+    microbatch.disable(model)  # microbatch.enable's converted modules, if any
     return names
 
 
