@@ -1,7 +1,8 @@
 """The fine-tuning core every family shares, as small steps the LightningModule calls in order::
 
     check_options -> build -> load_weights -> add_adapters -> choose_layers -> patch_layers -> freeze
-                  -> enable_recompute -> apply_norm_policy            (then, in training: configure_optimizers)
+                  -> enable_recompute -> apply_norm_policy -> micro_batch_prefix
+                                                                      (then, in training: configure_optimizers)
 
 Each step reads the module's hyper-parameters (``hp``: the ``--model.*`` options) and the model spec (``spec``:
 the family's hooks, classification/registry.py) and names no family, task, dataset or method: what differs is
@@ -101,7 +102,8 @@ def user_option_defaults() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- 0. options
 def check_model_options(method: str = "vanilla", num_finetune="all", lr: float = 0.05, momentum: float = 0.0,
-                        weight_decay: float = 1e-4, warmup_epochs: int = 0, **options) -> list[str]:
+                        weight_decay: float = 1e-4, warmup_epochs: int = 0, frozen_micro_batch=None,
+                        **options) -> list[str]:
     """Check the numbers of the model options before anything is built: ValueError naming the option, the value and
     the valid range (the method's own options by its ``user_options``). Returns warnings for method options set away
     from their default that ``method`` ignores."""
@@ -118,6 +120,9 @@ def check_model_options(method: str = "vanilla", num_finetune="all", lr: float =
         bad("weight_decay", weight_decay, "it must be a finite number >= 0")
     if not _is_int(warmup_epochs) or warmup_epochs < 0:
         bad("warmup_epochs", warmup_epochs, "it must be an integer >= 0")
+    if frozen_micro_batch is not None and (not _is_int(frozen_micro_batch) or frozen_micro_batch < 1):
+        bad("frozen_micro_batch", frozen_micro_batch, "it must be an integer >= 1 (samples per micro-batch of the "
+            "frozen prefix) or null (the whole batch at once)")
     info = method_info(method) if method in MODEL_METHODS else None
     for option, value, valid in (info.check_user_options(options) if info else []):
         bad(option, value, valid)
@@ -526,7 +531,23 @@ def bn_after_first(net: nn.Module, first: str) -> list[str]:
     return names
 
 
-# ----------------------------------------------------------------------------- 9. optimiser recipe
+# ----------------------------------------------------------------------------- 9. micro-batched frozen prefix
+def micro_batch_prefix(net: nn.Module, hp) -> list[tuple[str, list[str]]]:
+    """``--model.frozen_micro_batch N``: the frozen prefix (everything before the first trainable parameter) runs N
+    samples at a time (asi_core.microbatch: the same output, a lower peak where the frozen forward sets it). After
+    the norm policy, which decides the last trainable parameters. Returns what runs in micro-batches."""
+    if hp.get("frozen_micro_batch") is None:
+        return []
+    from asi_core import microbatch
+    converted = microbatch.enable(net, hp.frozen_micro_batch)
+    if not converted:
+        rank_zero_warn(f"--model.frozen_micro_batch {hp.frozen_micro_batch}: {hp.backbone} has no frozen prefix "
+                       f"that can run in micro-batches (every layer trains, or its forward cannot be traced by "
+                       f"torch.fx); the whole batch runs at once")
+    return converted
+
+
+# ----------------------------------------------------------------------------- 10. optimiser recipe
 def make_optimizer(params: list, hp) -> torch.optim.Optimizer:
     """The recipe's optimiser over ``params``: SGD (lr, momentum, weight decay) or Adam (lr, betas, weight decay)."""
     if hp.optimizer == "sgd":

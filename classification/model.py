@@ -1,7 +1,8 @@
 """LightningModule: a model-zoo network fine-tuned with one of the methods of ``asi_core.METHODS`` (or LoRA).
 
 The constructor composes the fine-tuning core (classification/finetune.py), in order: check the options -> build
-the network -> weights -> adapters -> choose layers -> patch -> freeze -> recompute -> norm policy; the task the
+the network -> weights -> adapters -> choose layers -> patch -> freeze -> recompute -> norm policy -> micro-batched
+frozen prefix; the task the
 model spec names (classification/tasks.py; segmentation/task.py) brings the loss, the metrics and the monitored
 metric. The optimiser recipe is ``finetune.configure_optimizers``.
 """
@@ -65,6 +66,7 @@ class ClassificationModel(pl.LightningModule):
         lora_targets: Optional[Union[str, List[str]]] = None,
         shape_only: Optional[bool] = None,
         num_blocks: Optional[int] = None,
+        frozen_micro_batch: Optional[int] = None,
     ):
         """Classifier fine-tuned with activation compression.
 
@@ -145,6 +147,11 @@ class ClassificationModel(pl.LightningModule):
             shape_only: LLM backbones: build the network with fake tensors (FakeTensorMode: no memory, no arithmetic,
                 real shapes); `profile` sets it for LLMs. None = false outside profile.
             num_blocks: LLM backbones: keep only the last N decoder blocks (benchmarks of a real-width model on a CPU).
+            frozen_micro_batch: Run the frozen prefix (every layer before the first trainable parameter: no
+                gradient, BatchNorm in eval mode) this many samples at a time and gather its output, so that its
+                transient activations scale with N while the fine-tuned region sees the whole batch
+                (asi_core.microbatch). The same outputs and gradients; lowers the whole-step peak where the frozen
+                forward sets it (few fine-tuned layers: docs/peak_memory.md). None: the whole batch at once.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -166,6 +173,7 @@ class ClassificationModel(pl.LightningModule):
         rule_trainable = core.freeze(self.net, hp, adapters, choice)
         self.recomputed: list[str] = core.enable_recompute(self.net, self.patched, hp)
         self.bn_affine_trained = core.apply_norm_policy(self.net, hp, self.patched, choice, rule_trainable)
+        self.micro_batched = core.micro_batch_prefix(self.net, hp)
         self.train(self.training)
         self.objective = get_task(spec.task)(num_classes)
         self.monitor = self.objective.monitor  # what ModelCheckpoint keeps the best of
@@ -201,6 +209,10 @@ class ClassificationModel(pl.LightningModule):
                        + (f"; {'checkpointing' if self.hparams.checkpointing else 'recompute'} of "
                           f"{', '.join(self.recomputed) or 'nothing'}" if self.recomputed or self.hparams.checkpointing
                           or self.hparams.recompute else ""))
+        if self.micro_batched:
+            rank_zero_info(f"frozen prefix in micro-batches of {self.hparams.frozen_micro_batch}: "
+                           + "; ".join(f"{name or 'the network'} runs {', '.join(prefix)}"
+                                       for name, prefix in self.micro_batched))
 
     def on_train_epoch_start(self):
         self.train(self.training)

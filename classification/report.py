@@ -153,6 +153,9 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     for option in ("checkpointing", "recompute"):  # the recomputation variants: rows of their own beside the method
         if setting(option, sources=(model_args, settings)) is True:
             label, variant = f"{label} + {option}", (*variant, option)
+    micro = setting("frozen_micro_batch", sources=(model_args, settings))
+    if micro is not None:  # the same result, a lower peak (asi_core.microbatch): a row of its own for the memory
+        label, variant = f"{label}, frozen prefix in micro-batches of {micro}", (*variant, "micro", str(micro))
 
     res = data.get("resources") if isinstance(data.get("resources"), dict) else {}
     # Sec. 4.1: a data-dependent method's resources (HOSVD's) vary during training; the paper reports the peak

@@ -250,6 +250,9 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
            "recomputed_segments": list(getattr(model, "recomputed", []))}
     if getattr(hp, "train_bn_affine", False):
         out["train_bn_affine"] = True
+    if hp.get("frozen_micro_batch") is not None:  # asi_core.microbatch: what ran in micro-batches of that size
+        out["frozen_micro_batch"] = hp.frozen_micro_batch
+        out["micro_batched"] = {name: prefix for name, prefix in getattr(model, "micro_batched", [])}
     if text:
         out.update(lora=bool(hp.get("lora")) or hp.method == LoRA.name, shape_only=fake_mode is not None)
     keys = ("activation_mib", "measured_activation_mib", "measured_layers_mib", "measured_mask_mib",

@@ -168,3 +168,20 @@ def test_method_labels_name_what_differs():
     assert _label("asi", {"budget": 0.5, "warm_start": False})[0] == "ASI (no warm start)"
     assert _label("asi", {"ranks": 2})[0] == "ASI (r = 2)"
     assert _label("asi", {"ranks": None, "budget": None})[0] == "ASI (default ranks)"
+
+
+def test_a_run_with_the_frozen_prefix_in_micro_batches_is_a_row_of_its_own(tmp_path):
+    """--model.frozen_micro_batch changes the peak, not the result: its run is shown beside the plain one, named."""
+    src = FIXTURES / "setupB" / "mcunet" / "imagenet" / "asi" / "l2_budget_hosvd0.8"
+    root = tmp_path / "runs" / "setupB" / "mcunet" / "imagenet" / "asi"
+    shutil.copytree(src, root / "l2_budget_hosvd0.8")
+    data = json.loads((src / "metrics.json").read_text())
+    data["settings"]["model_args"]["frozen_micro_batch"] = 8
+    data["resources"] = {**data.get("resources", {}), "peak_step_mib": 76.7}
+    (root / "l2_micro").mkdir()
+    (root / "l2_micro" / "metrics.json").write_text(json.dumps(data))
+    rows = collect(tmp_path / "runs", mem="peak", warn=lambda msg: None)
+    labels = sorted(r["label"] for r in rows)
+    assert labels == ["ASI", "ASI, frozen prefix in micro-batches of 8"] and all(r["runs"] == 1 for r in rows)
+    micro = next(r for r in rows if "micro" in r["label"])
+    assert micro["mem_mib"] == pytest.approx(76.7)
