@@ -27,7 +27,8 @@ SETTINGS = {"mcunet": "MCUNet, 2 layers, frozen BN, batch 64, 224",
             "tinyllama": "TinyLlama-1.1B, 5 layers, 128 x 512 tokens (shape-only)",
             "pspnet_r18": "PSPNet-R18, the authors' 5L, batch 8, 512"}
 VARIANTS = {"vanilla": "vanilla", "vanilla_ckpt": "vanilla + checkpointing", "asi": "asi",
-            "asi_recompute": "asi + recompute", "asi_ckpt": "asi + checkpointing"}
+            "asi_recompute": "asi + recompute", "asi_ckpt": "asi + checkpointing",
+            "vanilla_micro": "vanilla, frozen prefix in micro-batches", "asi_micro": "asi, frozen prefix in micro-batches"}
 PARTS = ("saved", "transient", "parameters", "gradients", "optimizer_state", "batch", "workspace")
 
 

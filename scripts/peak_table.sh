@@ -5,15 +5,17 @@
 # whole-step peak (peak_step_mib) with its largest parts, training_overhead_mib (peak minus an inference forward's)
 # and the unmeasured step time.
 # Variants: vanilla, vanilla+checkpointing, asi (ranks 2; the LLMs rank 20 as Table 4), asi+recompute,
-# asi+checkpointing.
+# asi+checkpointing; where a frozen prefix sets the peak (few fine-tuned layers), also vanilla and asi with the
+# frozen prefix run in micro-batches (--model.frozen_micro_batch: 8 of 64 images, 2 of PSPNet's 8).
 # Output: $RUN_ROOT/peak/<setting>/<variant>.json, the JSON line profile prints last (all its output: .json.log).
 #
 #   bash scripts/peak_table.sh [DATA_ROOT [RUN_ROOT]]      DRY_RUN=1 prints the commands; see scripts/common.sh
 #   SETTINGS="mcunet mcunet_bn mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama
 #             pspnet_r18"
-#   VARIANTS="vanilla vanilla_ckpt asi asi_recompute asi_ckpt"
+#   VARIANTS="vanilla vanilla_ckpt asi asi_recompute asi_ckpt"   (+ vanilla_micro asi_micro where MICRO_SETTINGS
+#   names the setting: mcunet mcunet_bn resnet18 resnet18_bn swin_t vit_b_32 pspnet_r18)
 #
-# Expected runtime on a shared 2-core CPU: about 40 minutes (the real-width TinyLlama blocks at 8 x 512 tokens and
+# Expected runtime on a shared 2-core CPU: about 45 minutes (the real-width TinyLlama blocks at 8 x 512 tokens and
 # ResNet-18 / Swin-T at batch 64 dominate); tinyllama (128 x 512) runs shape-only. DATA_ROOT is accepted and unused.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 
@@ -41,17 +43,23 @@ setting_args() {
     esac
 }
 
+MICRO_SETTINGS="${MICRO_SETTINGS:-mcunet mcunet_bn resnet18 resnet18_bn swin_t vit_b_32 pspnet_r18}"
 for setting in ${SETTINGS:-mcunet mcunet_bn mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18}; do
     setting_args "$setting"
     ranks=2; [[ "$setting" == tinyllama* ]] && ranks=20
-    for variant in ${VARIANTS:-vanilla vanilla_ckpt asi asi_recompute asi_ckpt}; do
+    micro=8; [[ "$setting" == pspnet* ]] && micro=2
+    variants="${VARIANTS:-vanilla vanilla_ckpt asi asi_recompute asi_ckpt}"
+    [[ -z "${VARIANTS:-}" && " $MICRO_SETTINGS " == *" $setting "* ]] && variants+=" vanilla_micro asi_micro"
+    for variant in $variants; do
         case "$variant" in
             vanilla) v=(--model.method vanilla) ;;
             vanilla_ckpt) v=(--model.method vanilla --model.checkpointing true) ;;
             asi) v=(--model.method asi --model.ranks "$ranks") ;;
             asi_recompute) v=(--model.method asi --model.ranks "$ranks" --model.recompute true) ;;
             asi_ckpt) v=(--model.method asi --model.ranks "$ranks" --model.checkpointing true) ;;
-            *) die "unknown variant '$variant' (vanilla vanilla_ckpt asi asi_recompute asi_ckpt)" ;;
+            vanilla_micro) v=(--model.method vanilla --model.frozen_micro_batch "$micro") ;;
+            asi_micro) v=(--model.method asi --model.ranks "$ranks" --model.frozen_micro_batch "$micro") ;;
+            *) die "unknown variant '$variant' (vanilla vanilla_ckpt asi asi_recompute asi_ckpt vanilla_micro asi_micro)" ;;
         esac
         out="$RUN_ROOT/peak/$setting/$variant.json"
         run_once "$out" --last-line "$out" -- \

@@ -171,12 +171,15 @@ def test_the_peak_table_script_prints_every_setting_and_the_committed_table():
                          capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr[-1000:]
     commands = [line for line in dry.stdout.splitlines() if "main.py profile" in line]
-    assert len(commands) == 11 * 5 and all("--model.method" in c for c in commands)
+    assert len(commands) == 11 * 5 + 7 * 2 and all("--model.method" in c for c in commands)
+    assert sum("--model.frozen_micro_batch" in c for c in commands) == 7 * 2
     table = subprocess.run([sys.executable, "scripts/peak_table.py", "docs/benchmarks/peak"], cwd=repo,
                            capture_output=True, text=True, timeout=60).stdout
     rows = [line for line in table.splitlines() if line.startswith("| ") and "variant" not in line]
-    assert len(rows) == 55
+    assert len(rows) == 69
     doc = (repo / "docs" / "peak_memory.md").read_text()
     assert all(row in doc for row in rows)  # the docs show the committed measurements, unedited
     mcunet_all_asi = next(r for r in rows if r.startswith("| MCUNet, all 42 layers") and "| asi |" in r)
     assert "| 0.21 |" in mcunet_all_asi
+    swin_micro = next(r for r in rows if r.startswith("| Swin-T") and "| asi, frozen prefix in micro-batches |" in r)
+    assert float(swin_micro.split("|")[8]) < 0.5  # the frozen forward's peak, in micro-batches: under half
