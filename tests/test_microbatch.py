@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -47,9 +48,12 @@ def test_outputs_and_gradients_equal_the_whole_batch_in_float64(backbone, layer_
     converted = microbatch.enable(net, 3)
     assert converted and converted[0][1], "nothing frozen was found to run in micro-batches"
     x = torch.randn(8, 3, res, res, dtype=torch.double)
-    for model in (ref, net):
-        _frozen_mode(model)
-        model(x).square().sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for model in (ref, net):
+            _frozen_mode(model)
+            model(x).square().sum().backward()
+    assert not [w for w in caught if "asi_core.microbatch" in str(w.message)]  # it ran in micro-batches
     y_ref, y = ref(x), net(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     grads = {k: p.grad for k, p in net.named_parameters() if p.requires_grad}
@@ -235,3 +239,110 @@ def test_benchmark_times_the_micro_batched_variant_beside_the_plain_one(monkeypa
                            ["asi", "asi+micro"], 8, 64, steps=1, warmup=0, progress=False)
     assert set(out["methods"]) == {"asi", "asi+micro"} and all(v["step_s"] > 0 for v in out["methods"].values())
     assert sizes == [8]  # asi+micro alone, at the default micro-batch
+
+
+def _compare(net: nn.Module, x: torch.Tensor, micro_batch: int = 2):
+    """The converted copy's output and gradients against the plain model's (float64)."""
+    ref = copy.deepcopy(net).double()
+    net = net.double()
+    converted = microbatch.enable(net, micro_batch)
+    for model in (ref, net):
+        model(x.double()).square().sum().backward()
+    torch.testing.assert_close(net(x.double()), ref(x.double()))
+    for (k, p), q in zip(net.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=k)
+    return converted
+
+
+class NoRunningStats(nn.Module):
+    """BatchNorm without running statistics normalises by the batch even in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4).requires_grad_(False)
+        self.bn = nn.BatchNorm1d(4, track_running_stats=False).requires_grad_(False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.bn(self.a(x)))
+
+
+class InPlaceAfterARead(nn.Module):
+    """A frozen in-place ReLU on a value the forward also reads elsewhere (before, in program order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Linear(4, 4).requires_grad_(False)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        g = h.mean(1, keepdim=True)  # reads h before the in-place ReLU changes it
+        return self.head(self.act(h)) * g
+
+
+class Flagged(nn.Module):
+    """Python-level state read by forward: set after enable, it must still count."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(4, 4).requires_grad_(False), nn.Linear(4, 2)
+        self.scale = False
+
+    def forward(self, x):
+        out = self.head(self.stem(x))
+        return out * 10 if self.scale else out
+
+
+class ConstantTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(2, 4))
+
+    def forward(self):
+        return self.table
+
+
+class UsesATable(nn.Module):
+    """A frozen module of no input whose result happens to have micro-batch rows: no per-sample computation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.tab, self.head = nn.Linear(4, 4).requires_grad_(False), ConstantTable(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.stem(x) * self.tab().sum(0))
+
+
+@pytest.mark.parametrize("build,expected", [
+    (NoRunningStats, [("", ["a", "bn"])]),  # converted, but the BatchNorm makes it run whole at every call
+    (InPlaceAfterARead, [("", ["conv"])]),  # the in-place ReLU stays in the forward, after the read
+    (UsesATable, [("", ["stem"])]),
+])
+def test_cases_a_review_found_give_the_plain_result(build, expected):
+    torch.manual_seed(0)
+    assert _compare(build(), torch.randn(8, 4)) == expected
+
+
+def test_the_rest_of_the_forward_runs_as_written():
+    torch.manual_seed(0)
+    net = Flagged()
+    ref = copy.deepcopy(net)
+    microbatch.enable(net, 2)
+    net.scale = ref.scale = True  # after enable
+    x = torch.randn(8, 4)
+    torch.testing.assert_close(net(x), ref(x))
+    net.double()
+    assert net(x.double()).dtype == torch.float64
+
+
+def test_a_module_recompute_converted_is_left_to_it():
+    from asi_core import recompute
+
+    net = small_cnn()
+    names = asi_core.patch(net, "vanilla", num_finetune=2, layer_type="conv")
+    holder = nn.Sequential(net)  # the whole network one checkpointed segment of the holder's
+    holder[0].forward = partial(recompute._recomputed_forward, holder[0])
+    assert microbatch.enable(holder, 4) == [] and recompute.recomputed_segments(holder) == ["0"]
