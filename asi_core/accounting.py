@@ -138,6 +138,7 @@ __all__ = [
     "hosvd_overhead_flops", "asi_overhead_flops", "gradfilter_overhead_flops", "overhead_flops",
     "gradfilter_paper_overhead_flops", "gradfilter_paper_input_grad_flops", "paper_gradfilter_flops",
     "core_flops", "layer_report", "report_from_layer", "summarize", "worked_example",
+    "PAPER_COUNTS", "paper_flops", "authors_linear_flops",
 ]
 
 # The formulas below are kept per accounting kind; each registered method says which kind counts it
@@ -547,19 +548,108 @@ def _check_method(method: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# The paper's count: its equations (Tables 1-3's CNNs), or its authors' code for linear layers (Tables 2 and 4)
+
+# How ``paper_gflops`` is counted for a model (``ModelSpec.paper_flops``): "equations" = eq. 11-17 as written, one
+# multiply-add one FLOP (Tables 1-3); "authors_linear" / "authors_llm" = the authors' code for the linear layers of
+# Swin-T/ViT (model_linear.py) / TinyLlama (model_llm.py), :func:`authors_linear_flops`.
+PAPER_COUNTS = ("equations", "authors_linear", "authors_llm")
+
+
+def _svd_flops(a: int, b: int) -> int:
+    """The authors' cost of a thin SVD of an a x b unfolding (their util.calculate_flops_SVD): max * min^2."""
+    return max(a, b) * min(a, b) ** 2
+
+
+def authors_linear_flops(method: str, geometry: LinearGeometry, ranks: RanksLike = None, llm: bool = False) -> dict:
+    """One fine-tuned linear layer as the authors' code counts it (their ``get_activation_size``; the einsums of
+    custom_op/linear/linear_ASI.py), in their units: the forward matmul in FLOPs, tokens*out*(2*in - 1); vanilla's
+    weight gradient in FLOPs, out*in*(2*tokens - 1); ASI's subspace iteration as eq. 14, sum over modes of
+    2*size*r + r^3; ASI's weight gradient as the multiply-adds of its contractions, in their order:
+
+    - (B, N, I) inputs (ViT; TinyLlama with ``llm``): B*N*O*K1 + K1*K2*K3*N + K1*K3*I*N + I*O*N*K1;
+    - (B, H, W, C) inputs (Swin-T): B*K1*H*W*C' + H*K1*K2*K3*K4 + W*K1*H*K3*C' + C*K1*H*K3*K4 + K1*H*K3*C*C'.
+
+    Two quirks of model_llm.py, kept because Table 4 was computed with them: ASI's forward matmul is written
+    B*I*O*(2*N - 1) (token count and input width swapped), and its K1*K3*I*N term is charged twice. HOSVD: the SVD
+    of every unfolding (:func:`_svd_flops`) and the "hosvd_neurips" contraction order of model_linear.py (3-D: the
+    ASI terms, its forward swapped as well); the authors count no HOSVD for TinyLlama, the same formula is used.
+    Not counted, as there: the input gradient, the bias, the Tucker core. Returns {"forward", "overhead",
+    "backward"}. Only vanilla, ASI and HOSVD on 3- and 4-mode inputs (:func:`paper_flops` counts the rest by the
+    equations)."""
+    kind = _check_method(method)
+    dims = tuple(geometry.input_shape)
+    if not _authors_count(kind, geometry):
+        raise ValueError(f"the authors' code counts vanilla, asi and hosvd on (B, N, I) or (B, H, W, C) inputs, not "
+                         f"{method} on {dims}: use paper_flops")
+    O, I = geometry.out_features, geometry.in_features
+    tokens = geometry.tokens
+    dense = tokens * O * (2 * I - 1)
+    if kind == "input":
+        return {"forward": dense, "overhead": 0, "backward": O * I * (2 * tokens - 1)}
+    K = clip_ranks(dims, ranks)
+    size = math.prod(dims)
+    if kind == "asi":
+        overhead = sum(2 * size * k + k ** 3 for k in K)
+    else:
+        overhead = sum(_svd_flops(d, size // d) for d in dims)
+    if len(dims) == 3:
+        B, N, _ = dims
+        K1, K2, K3 = K
+        swapped = B * I * O * (2 * N - 1)
+        forward = swapped if (llm or kind == "hosvd") else dense
+        backward = B * N * O * K1 + K1 * K2 * K3 * N + K1 * K3 * I * N + I * O * N * K1
+        if llm and kind == "asi":
+            backward += K1 * K3 * I * N  # charged twice in model_llm.py
+        return {"forward": forward, "overhead": overhead, "backward": backward}
+    B, H, W, C = dims
+    K1, K2, K3, K4 = K
+    if kind == "asi":
+        backward = (B * K1 * H * W * O + H * K1 * K2 * K3 * K4 + W * K1 * H * K3 * O + C * K1 * H * K3 * K4
+                    + K1 * H * K3 * C * O)
+    else:
+        backward = (B * H * K3 * O * W + K1 * H * K3 * K4 * K2 + B * H * K3 * K4 * K1 + B * H * K3 * C * K4
+                    + B * H * C * O * K3)
+    return {"forward": dense, "overhead": overhead, "backward": backward}
+
+
+def _authors_count(kind: str, geometry: Geometry) -> bool:
+    return (isinstance(geometry, LinearGeometry) and len(geometry.input_shape) in (3, 4)
+            and kind in ("input", "asi", "hosvd"))
+
+
+def paper_flops(method: str, geometry: Geometry, ranks: RanksLike = None, radius: Optional[int] = None,
+                count: str = "equations") -> dict:
+    """The paper's FLOPs of one layer, {"forward", "overhead", "backward"}, counted as ``count`` says
+    (:data:`PAPER_COUNTS`): the equations (eq. 17, eq. 15/16, eq. 11/14; the gradient filters as the authors'
+    code), or for linear layers the authors' code (:func:`authors_linear_flops`)."""
+    if count not in PAPER_COUNTS:
+        raise ValueError(f"unknown paper FLOPs count {count!r}; valid: {PAPER_COUNTS}")
+    kind = _check_method(method)
+    if count != "equations" and _authors_count(kind, geometry):
+        return authors_linear_flops(method, geometry, ranks, llm=count == "authors_llm")
+    overhead = (paper_gradfilter_flops(geometry, radius)["overhead"]
+                if kind in GRADFILTERS and isinstance(geometry, ConvGeometry)
+                else overhead_flops(method, geometry, ranks, radius))
+    return {"forward": paper_forward_flops(geometry), "overhead": overhead,
+            "backward": paper_weight_grad_flops(method, geometry, ranks, radius)}
+
+
+# --------------------------------------------------------------------------------------------
 # Reports
 
 def layer_report(method: str, geometry: Geometry, ranks: RanksLike = None, eps: Optional[float] = None,
                  radius: Optional[int] = None, dtype_bytes: int = 4,
-                 input_requires_grad: bool = True) -> dict:
+                 input_requires_grad: bool = True, paper: str = "equations") -> dict:
     """Memory and FLOPs of one fine-tuned layer for one training step.
 
     hosvd ranks depend on the data: pass the ranks HOSVD_eps actually chose (``last_stats['ranks']``);
     ``eps`` is only recorded. asi takes its configured ranks (int or per mode). gradfilter needs
     ``radius``. Keys: method, eps, radius, input_shape, output_shape, ranks, memory_elements,
     memory_mib, forward_flops, backward_flops (weight gradient only), overhead_flops (eq. 11/14,
-    gradfilter pooling), core_flops, input_grad_flops, paper_forward_flops (eq. 17 as written),
-    paper_backward_flops (eq. 15/16 as written).
+    gradfilter pooling), core_flops, input_grad_flops, paper_forward_flops, paper_backward_flops and
+    paper_overhead_flops (the paper's count, ``paper``: :func:`paper_flops`; eq. 17 and eq. 15/16 as written by
+    default).
     """
     kind = _check_method(method)
     if kind in ("hosvd", "asi"):
@@ -573,6 +663,7 @@ def layer_report(method: str, geometry: Geometry, ranks: RanksLike = None, eps: 
     if kind in GRADFILTERS:
         gradfilter_positions(geometry, radius)  # validates radius up front
     elements = activation_elements(method, geometry, ranks, radius)
+    counted = paper_flops(method, geometry, ranks, radius, paper)
     return {
         "method": method,
         "eps": eps if kind == "hosvd" else None,
@@ -588,15 +679,14 @@ def layer_report(method: str, geometry: Geometry, ranks: RanksLike = None, eps: 
         "core_flops": core,
         "input_grad_flops": (gradfilter_paper_input_grad_flops(geometry, radius, input_requires_grad)
                              if kind == "gradfilter_paper" else input_grad_flops(geometry, input_requires_grad)),
-        "paper_forward_flops": paper_forward_flops(geometry),
-        "paper_backward_flops": paper_weight_grad_flops(method, geometry, ranks, radius),
-        "paper_overhead_flops": (paper_gradfilter_flops(geometry, radius)["overhead"]
-                                 if kind in GRADFILTERS and isinstance(geometry, ConvGeometry)
-                                 else overhead_flops(method, geometry, ranks, radius)),
+        "paper_forward_flops": counted["forward"],
+        "paper_backward_flops": counted["backward"],
+        "paper_overhead_flops": counted["overhead"],
     }
 
 
-def report_from_layer(layer, input_requires_grad: bool = True, dtype_bytes: Optional[int] = None) -> dict:
+def report_from_layer(layer, input_requires_grad: bool = True, dtype_bytes: Optional[int] = None,
+                      paper: str = "equations") -> dict:
     """:func:`layer_report` for a patched wrapper after a training forward: method from
     ``layer.method_name`` (plain layers count as vanilla), ranks from ``last_stats`` (falling back to
     ``options['ranks']``), eps/radius from ``layer.options``, element size from the weight's dtype.
@@ -610,7 +700,7 @@ def report_from_layer(layer, input_requires_grad: bool = True, dtype_bytes: Opti
         dtype_bytes = weight.element_size() if hasattr(weight, "element_size") else 4
     rep = layer_report(method, geometry_from_layer(layer), ranks=ranks, eps=options.get("eps"),
                        radius=options.get("radius"), dtype_bytes=dtype_bytes,
-                       input_requires_grad=input_requires_grad)
+                       input_requires_grad=input_requires_grad, paper=paper)
     if "stored_elements" in stats:
         rep["stored_elements"] = stats["stored_elements"]
     return rep
@@ -619,7 +709,8 @@ def report_from_layer(layer, input_requires_grad: bool = True, dtype_bytes: Opti
 def summarize(reports: Union[Iterable[Mapping], Mapping[str, Mapping]]) -> dict:
     """Totals over layer reports (a list, or a dict name -> report). GFLOPs are 1e9 MACs.
     ``total_gflops`` = forward + backward + overhead + core + input gradient (ours);
-    ``paper_gflops`` = eq. 17 + eq. 15/16 as written + overhead (what the paper's tables report)."""
+    ``paper_gflops`` = the paper's forward + weight gradient + overhead (what the paper's tables report, counted as
+    each layer report's ``paper`` says: :func:`paper_flops`)."""
     reps = list(reports.values()) if isinstance(reports, Mapping) else list(reports)
     tot = lambda key: sum(r[key] for r in reps)  # noqa: E731
     out = {

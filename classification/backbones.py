@@ -165,18 +165,18 @@ register_classifier("resnet34", _tv("resnet34"), "fc",
 # nn.Linear layers whose name contains "mlp" (the authors' selection): Swin's features.<stage>.<block>.mlp.0/.3
 # and ViT's encoder.layers.encoder_layer_<i>.mlp.0/.3; Swin feeds them (B, H, W, C), ViT (B, T, D).
 register_classifier("swin_t", _tv("swin_t"), "head", "https://download.pytorch.org/models/swin_t-704ceda3.pth",
-                    "swin_t-704ceda3.pth", 224, layer_type="linear", include="mlp", paper_flops_per_mac=2)
+                    "swin_t-704ceda3.pth", 224, layer_type="linear", include="mlp", paper_flops="authors_linear")
 register_classifier("vit_b_32", _tv("vit_b_32"), "heads.head",
                     "https://download.pytorch.org/models/vit_b_32-d86f8d99.pth", "vit_b_32-d86f8d99.pth", 224,
-                    layer_type="linear", include="mlp", fixed_resolution=224)
+                    layer_type="linear", include="mlp", fixed_resolution=224, paper_flops="authors_linear")
 # Test-only miniatures (random weights only, no published file): the same torchvision classes and module names
 # at a few hundred kFLOPs, so tests and the CPU demo can fit transformers in seconds at resolution 32.
 register_classifier("swin_tiny_test", _swin(patch_size=[4, 4], embed_dim=16, depths=[2, 2, 2, 2],
                                             num_heads=[1, 2, 2, 4], window_size=[4, 4], stochastic_depth_prob=0.2),
-                    "head", "", "", 32, layer_type="linear", include="mlp")
+                    "head", "", "", 32, layer_type="linear", include="mlp", paper_flops="authors_linear")
 register_classifier("vit_tiny_test", _vit(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
                                           mlp_dim=64), "heads.head", "", "", 32, layer_type="linear", include="mlp",
-                    fixed_resolution=32)
+                    fixed_resolution=32, paper_flops="authors_linear")
 
 
 # ----------------------------------------------------------------------------- ImageNet weights

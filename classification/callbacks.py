@@ -165,7 +165,8 @@ class ResourceAccounting(pl.Callback):
                           ("optimizer_s", "before_optimizer", None)):
             if a in m and (b is None or b in m):
                 self._times[key].append((m[b] if b else end) - m[a])
-        reports = layer_reports(self._net(pl_module), self._input_requires_grad)
+        reports = layer_reports(self._net(pl_module), self._input_requires_grad,
+                                getattr(pl_module, "paper_flops", "equations"))
         if not reports:
             return
         tot = totals(reports)
@@ -212,10 +213,7 @@ class ResourceAccounting(pl.Callback):
         if res is None:
             return
         res["epoch"] = trainer.current_epoch
-        factor = getattr(pl_module, "paper_flops_per_mac", 1)  # the paper's FLOPs convention for this model
-        if factor != 1:
-            res.update({k: res[k] * factor for k in ("paper_gflops", "paper_gflops_peak") if k in res},
-                       paper_flops_per_mac=factor)
+        res["paper_flops"] = getattr(pl_module, "paper_flops", "equations")  # how paper_gflops counted
         scalars = {f"resources/{k}": v for k, v in res.items()
                    if isinstance(v, (int, float)) and k not in ("epoch", "batches", "batch_size", "num_layers")}
         scalars.update({f"resources/timing/{k}": v for k, v in res["timing"].items()

@@ -234,7 +234,7 @@ def _register(backbone: str) -> None:
     register_model(backbone, builder=None, head="score", weights_url=HUB_NAMES.get(backbone, ""), weights_file="",
                    resolution=0, layer_type="linear", include="mlp", options=LLM_OPTIONS,
                    tokenizer_source=partial(source_of, backbone), shape_only_profile=True,
-                   report_flops_per_mac=2)(create)
+                   paper_flops="authors_llm", paper_flops_unit="TFLOPs")(create)
 
 
 for _name in LLM_CONFIGS:  # tinyllama, llama_tiny, hf

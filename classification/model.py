@@ -160,7 +160,7 @@ class ClassificationModel(pl.LightningModule):
             rank_zero_warn(msg)
         spec = get_spec(backbone)
         self.nonfinite_steps = 0  # training steps whose loss was NaN/inf (metrics.json, "diverged")
-        self.paper_flops_per_mac = spec.paper_flops_per_mac  # scales paper_gflops (resources, metrics.json)
+        self.paper_flops = spec.paper_flops  # how paper_gflops counts this model (resources, metrics.json)
         self.layer_type = layer_type or spec.layer_type
         self.include = include if include is not None else spec.include
         self.task = spec.task

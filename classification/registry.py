@@ -37,13 +37,13 @@ class ModelSpec:
     # with its head (set by register_model; plain classifiers: classification.weights.classifier_create)
     create: Optional[Callable[..., nn.Module]] = None
     fixed_resolution: Optional[int] = None  # the only input size the architecture takes (ViT: position embeddings)
-    # FLOPs per multiply-add in the paper's tables for this model: 1 for the CNNs (Tables 1-2), 2 for Swin-T's Table 2
-    # rows (their vanilla 2/4-layer TFLOPs, 0.11/0.23 at batch 128, are twice our forward + weight-gradient MACs,
-    # 0.059/0.118 T). Scales ``paper_gflops`` only; every other *_gflops figure counts 1 multiply-add = 1 FLOP.
-    paper_flops_per_mac: int = 1
-    # FLOPs per multiply-add of the report's table for this model: 2 for the LLMs (Table 4, shown in TFLOPs); 1 (the
-    # table shows GFLOPs as counted). The report's rule; profile's figures are multiply-adds (issue 23 unifies them)
-    report_flops_per_mac: int = 1
+    # How ``paper_gflops`` counts this model's layers, in the paper's own units (asi_core.accounting.PAPER_COUNTS):
+    # "equations" (eq. 11-17 as written, a multiply-add one FLOP: the CNNs of Tables 1-3), "authors_linear" (the
+    # authors' model_linear.py: Swin-T/ViT, Table 2's 0.11/0.23 TFLOPs for vanilla at 2/4 layers) or "authors_llm"
+    # (their model_llm.py: Table 4). Every other *_gflops figure is ours: one multiply-add = one FLOP.
+    paper_flops: str = "equations"
+    # the unit the report's table shows paper_gflops in: "GFLOPs", or "TFLOPs" (the LLMs, as Table 4)
+    paper_flops_unit: str = "GFLOPs"
     # ---- family hooks, called by the model core instead of switching on names (defaults: "not this family")
     # the family's own --model options, handed to create (LLMs: name_or_path, shape_only, num_blocks); a model
     # with none takes no options

@@ -172,6 +172,9 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     mem, mem_peak = resource("activation_mib")
     train, train_peak = resource("train_gflops")
     paper, paper_peak = resource("paper_gflops")
+    spec = _model_spec(model)
+    if paper is not None and "paper_flops" not in res and spec is not None and spec.paper_flops == "authors_llm":
+        paper *= 2  # recorded before paper_gflops followed the authors' code: multiply-adds (Table 4 counts 2 each)
     gflops, gflops_peak = (train, train_peak) if flops == "train" else (paper, paper_peak)
     task = _task(model, data)  # its monitored score (val/acc, val/miou) is the table's accuracy, as a fraction
     key, scale = task.monitor.replace("/", "_"), 100 if task.monitor_percent else 1
@@ -295,10 +298,10 @@ def _md(rows: Sequence[dict]) -> str:
         if layout is not None:  # a task with a table of its own (segmentation: Table 3's mIoU/mAcc)
             blocks.append(layout(model, dataset, group))
             continue
-        spec = _model_spec(model)  # the paper's Table 4 layout: TFLOPs, a multiply-add counted as 2 FLOPs
-        llm = spec is not None and spec.report_flops_per_mac == 2
+        spec = _model_spec(model)  # the unit of the paper's table for this model (Table 4: TFLOPs)
+        unit = spec.paper_flops_unit if spec is not None else "GFLOPs"
         lines = [f"### setup {setup} · {model} · {dataset}", "",
-                 f"| Method | #Layers | Acc (%) ↑ | Mem (MiB) ↓ | {'TFLOPs' if llm else 'GFLOPs'} ↓ |",
+                 f"| Method | #Layers | Acc (%) ↑ | Mem (MiB) ↓ | {unit} ↓ |",
                  "|:--|--:|--:|--:|--:|"]
         notes, prev = [], None
         for r in group:
@@ -315,22 +318,24 @@ def _md(rows: Sequence[dict]) -> str:
                 notes.append(f"{r['label']}, {r['num_finetune']} layers diverged (non-finite loss; {r['run_dir']}): "
                              f"no accuracy to report.")
                 mark += f"<sup>{len(notes)}</sup>"
-            flops = r["gflops"] if not llm or r["gflops"] is None else spec.report_flops_per_mac * r["gflops"] / 1000
+            flops = r["gflops"] if unit == "GFLOPs" or r["gflops"] is None else r["gflops"] / 1000
             lines.append(f"| {name} | {n}{mark} | {acc} | {_fmt(r.get('mem_mib', r['activation_mib']))} | {_fmt(flops)} |")
         lines.append("")
         lines.append(f"{MEMORY[group[0].get('mem_source', 'paper')][1]}.  ")
-        if llm:
-            lines.append("TFLOPs as in the paper's Table 4: 2 FLOPs per multiply-add (Tables 1-2 count 1).  ")
         peaks = [what for what, key in (("activation memory", "mem_peak"), ("GFLOPs", "gflops_peak"))
                  if any(r[key] for r in group) and (key != "mem_peak" or group[0].get("mem_source", "paper") == "paper")]
         if peaks:
             lines.append(f"HOSVD: peak {' and '.join(peaks)} over training (paper Sec. 4.1).  ")
         if any(r["gflops_source"] == "train" for r in group):
-            lines.append(f"{'TFLOPs' if llm else 'GFLOPs'} per training step: forward + weight gradient + "
+            lines.append(f"{unit} per training step: forward + weight gradient + "
                          "compression overhead, with "
                          "groups and strides counted (our count).  ")
         if any(r["gflops_source"] == "paper" for r in group):
-            lines.append("GFLOPs: the paper's eq. 15-17 as written (comparable with its tables).  ")
+            lines.append(f"{unit}: the paper's eq. 15-17 as written (comparable with its tables).  "
+                         if spec is None or spec.paper_flops == "equations" else
+                         f"{unit} as the authors' code counts this model's linear layers (the forward matmul and "
+                         f"vanilla's weight gradient 2 FLOPs per multiply-add, ASI's contractions one; "
+                         f"docs/resources.md).  ")
         lines += [f"<sup>{i}</sup> {note}  " for i, note in enumerate(notes, 1)]
         blocks.append("\n".join(lines).rstrip() + "\n")
     return "\n".join(blocks)

@@ -132,16 +132,18 @@ class ActivationMeter:
 
 
 # ------------------------------------------------------------------ analytic
-def layer_reports(net: nn.Module, input_requires_grad: Optional[Mapping[str, bool]] = None) -> list[dict]:
+def layer_reports(net: nn.Module, input_requires_grad: Optional[Mapping[str, bool]] = None,
+                  paper: str = "equations") -> list[dict]:
     """``asi_core.accounting.report_from_layer`` for every patched layer that has run a training forward,
     with its qualified ``name`` first. ``input_requires_grad`` (name -> bool, e.g. from
-    :class:`ActivationMeter`) decides who pays an input gradient; unknown layers: all but the first."""
+    :class:`ActivationMeter`) decides who pays an input gradient; unknown layers: all but the first. ``paper``: how
+    the paper's FLOPs are counted for this model (``ModelSpec.paper_flops``)."""
     reports = []
     for i, (name, layer) in enumerate(asi_core.patched_layers(net)):
         if layer.last_stats is None:
             continue
         needs = (input_requires_grad or {}).get(name, i > 0)
-        reports.append({"name": name, **accounting.report_from_layer(layer, input_requires_grad=needs)})
+        reports.append({"name": name, **accounting.report_from_layer(layer, input_requires_grad=needs, paper=paper)})
     return reports
 
 
@@ -153,10 +155,10 @@ def totals(reports: Sequence[Mapping]) -> dict:
     return out
 
 
-def resource_summary(net: nn.Module, meter: Optional[ActivationMeter] = None) -> dict:
+def resource_summary(net: nn.Module, meter: Optional[ActivationMeter] = None, paper: str = "equations") -> dict:
     """Totals of :func:`totals`, the meter's summary (when given) and ``layers`` (one report per patched
-    layer, with ``measured_mib`` when measured)."""
-    reports = layer_reports(net, meter.input_requires_grad if meter is not None else None)
+    layer, with ``measured_mib`` when measured); ``paper`` as in :func:`layer_reports`."""
+    reports = layer_reports(net, meter.input_requires_grad if meter is not None else None, paper)
     out = totals(reports)
     if meter is not None:
         out.update(meter.summary())
@@ -185,7 +187,7 @@ def profile_step(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = 
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    out = resource_summary(net, meter)
+    out = resource_summary(net, meter, getattr(model, "paper_flops", "equations"))
     out["measured_recompute_peak_mib"] = recomputed.peak_bytes / MIB if recomputed.segments else None
     return out
 
@@ -259,9 +261,7 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
             "forward_gflops", "backward_gflops", "overhead_gflops", "core_gflops", "input_grad_gflops",
             "train_gflops", "paper_gflops", "total_gflops", "measured_recompute_peak_mib")
     out.update({k: res[k] for k in keys})
-    factor = getattr(model, "paper_flops_per_mac", 1)  # the paper's convention for this model (backbones.ModelSpec)
-    if factor != 1:
-        out.update(paper_gflops=out["paper_gflops"] * factor, paper_flops_per_mac=factor)
+    out["paper_flops"] = getattr(model, "paper_flops", "equations")  # how paper_gflops counted (ModelSpec)
     out["analytic_plus_mask_mib"] = res["activation_mib"] + res["measured_mask_mib"]
     out.update({k: peak[k] for k in PROFILE_PEAK_KEYS})
     layer_keys = ("name", "input_shape", "output_shape", "ranks", "memory_mib", "measured_mib", "forward_flops",

@@ -224,7 +224,7 @@ def test_profile_shape_only_matches_a_real_step(run_cli, capsys):
             "shape_only", "activation_mib", "measured_activation_mib", "measured_layers_mib", "measured_mask_mib",
             "forward_gflops", "backward_gflops", "overhead_gflops", "core_gflops", "input_grad_gflops",
             "train_gflops", "paper_gflops", "total_gflops", "analytic_plus_mask_mib", "layers",
-            "checkpointing", "recompute", "recomputed_segments", "measured_recompute_peak_mib"}
+            "checkpointing", "recompute", "recomputed_segments", "measured_recompute_peak_mib", "paper_flops"}
     from classification.resources import PROFILE_PEAK_KEYS  # the whole-step peak (tests/test_peak.py compares it)
     assert set(fake) == keys | set(PROFILE_PEAK_KEYS)
     for k in keys - {"shape_only", "layers"}:
