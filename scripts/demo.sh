@@ -10,6 +10,15 @@
 #   bash scripts/demo.sh [RUN_ROOT]        (default runs/demo; DRY_RUN=1 prints the commands)
 #   DEMO_RESOLUTION=96 DEMO_BATCH=64 DEMO_PRETRAIN_EPOCHS=15 DEMO_EPOCHS=10 DEMO_THREADS=1 override the defaults.
 #
+# Spread and ablation (docs/reproducing.md, "The demo's result"): SEEDS="0 1 2" repeats step 3 per fine-tuning seed
+# (--seed_everything; the pretraining and the perplexity table stay those of seed 0), DEMO_VARIANTS names the
+# authors' settings to undo one at a time (recipe = as the recipe runs; frozen_bn = --model.train_bn_affine false;
+# standard_aug = --data.augment standard; our_warmup = --model.warmup_start_factor null; step_schedule =
+# --model.scheduler_interval step), DEMO_LAYERS and DEMO_METHODS restrict step 3; then scripts/seeds_table.py prints
+# the mean and spread over seeds. Seed 0 of "recipe" is the plain demo's runs (same names), e.g.
+#   SEEDS="0 1 2" DEMO_VARIANTS="recipe frozen_bn standard_aug our_warmup step_schedule" DEMO_LAYERS=4 \
+#   DEMO_METHODS="vanilla hosvd asi" bash scripts/demo.sh
+#
 # Expected runtime: 8-12 minutes on a 2-core CPU (plus `make setup` on a fresh machine). Runs that finished are
 # skipped, so an interrupted demo resumes; remove $RUN_ROOT to start over.
 RUN_ROOT="${1:-${RUN_ROOT:-runs/demo}}"
@@ -46,24 +55,56 @@ NEEDS="$CKPT" run_once "$PPL" --needs "$CKPT" -- \
     --model.checkpoint "$CKPT" --measure.epsilons "$EPSILONS" --measure.num_batches 4 \
     --measure.num_finetune 4 "${QUIET[@]}"
 
-step 3 "fine-tuning the last 2 and 4 convs on half 2: vanilla, gradfilter R2, hosvd eps=0.8, asi @ hosvd@0.8"
-for n in 2 4; do
-    fit B mcunet digits vanilla "l$n" --model.num_finetune "$n" --model.checkpoint "$CKPT"
-    fit B mcunet digits gradfilter "l${n}_R2" --model.num_finetune "$n" --model.radius 2 \
-        --model.checkpoint "$CKPT"
-    fit B mcunet digits hosvd "l${n}_eps0.8" --model.num_finetune "$n" --model.eps 0.8 \
-        --model.checkpoint "$CKPT"
-    NEEDS="$PPL" fit B mcunet digits asi "l${n}_hosvd@0.8" --model.num_finetune "$n" \
-        --model.perplexity_file "$PPL" --model.budget hosvd@0.8 --model.checkpoint "$CKPT"
+step 3 "fine-tuning the last ${DEMO_LAYERS:-2 and 4} convs on half 2: ${DEMO_METHODS:-vanilla gradfilter hosvd asi}"
+variant_args() {  # the authors' setting a variant undoes (the recipe's value -> ours)
+    case "$1" in
+        recipe) v=() ;;
+        frozen_bn) v=(--model.train_bn_affine false) ;;
+        standard_aug) v=(--data.augment standard) ;;
+        our_warmup) v=(--model.warmup_start_factor null) ;;
+        step_schedule) v=(--model.scheduler_interval step) ;;
+        *) die "unknown DEMO_VARIANTS entry '$1' (recipe frozen_bn standard_aug our_warmup step_schedule)" ;;
+    esac
+}
+for seed in ${SEEDS:-0}; do
+    for variant in ${DEMO_VARIANTS:-recipe}; do
+        variant_args "$variant"
+        tag=""; [[ "$variant" != recipe ]] && tag+="_$variant"; [[ "$seed" != 0 ]] && tag+="_s$seed"
+        v+=(--seed_everything "$seed" --model.checkpoint "$CKPT")
+        for n in ${DEMO_LAYERS:-2 4}; do
+            for method in ${DEMO_METHODS:-vanilla gradfilter hosvd asi}; do
+                case "$method" in
+                    vanilla) fit B mcunet digits vanilla "l$n$tag" --model.num_finetune "$n" "${v[@]}" ;;
+                    gradfilter) fit B mcunet digits gradfilter "l${n}_R2$tag" --model.num_finetune "$n" \
+                                    --model.radius 2 "${v[@]}" ;;
+                    hosvd) fit B mcunet digits hosvd "l${n}_eps0.8$tag" --model.num_finetune "$n" --model.eps 0.8 \
+                               "${v[@]}" ;;
+                    asi) NEEDS="$PPL" fit B mcunet digits asi "l${n}_hosvd@0.8$tag" --model.num_finetune "$n" \
+                             --model.perplexity_file "$PPL" --model.budget hosvd@0.8 "${v[@]}" ;;
+                    *) die "unknown DEMO_METHODS entry '$method' (vanilla gradfilter hosvd asi)" ;;
+                esac
+            done
+        done
+    done
 done
 
 step 4 "report"
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "$PYTHON main.py report $RUN_ROOT/setupB --format md --plots $RUN_ROOT"
+    echo "$PYTHON main.py report $RUN_ROOT/setupB --format md --mem saved --no_plots true"
     echo "$PYTHON main.py report $RUN_ROOT/setupB --format csv --out $RUN_ROOT/report.csv --no_plots true"
 else
     "$PYTHON" main.py report "$RUN_ROOT/setupB" --format md --plots "$RUN_ROOT" | tee "$RUN_ROOT/report.md"
+    # the same runs with Mem as what autograd really keeps (under the recipe's trainable BN affine: much more)
+    "$PYTHON" main.py report "$RUN_ROOT/setupB" --format md --mem saved --no_plots true | tee "$RUN_ROOT/report_saved.md"
     "$PYTHON" main.py report "$RUN_ROOT/setupB" --format csv --out "$RUN_ROOT/report.csv" --no_plots true
+fi
+if [[ "${SEEDS:-0}" != 0 || "${DEMO_VARIANTS:-recipe}" != recipe ]]; then
+    if [[ "$DRY_RUN" == 1 ]]; then
+        echo "$PYTHON scripts/seeds_table.py $RUN_ROOT/setupB/mcunet/digits"
+    else
+        "$PYTHON" scripts/seeds_table.py "$RUN_ROOT/setupB/mcunet/digits" | tee "$RUN_ROOT/seeds.md"
+    fi
 fi
 finish
 echo

@@ -8,6 +8,8 @@
 #
 #   bash scripts/llm_demo.sh [RUN_ROOT]        (default runs/llm_demo; DRY_RUN=1 prints the commands)
 #   DEMO_PRETRAIN_EPOCHS=30 DEMO_EPOCHS=15 RANK=16 DEMO_THREADS=1 override the defaults.
+#   SEEDS="0 1 2" repeats step 2 per fine-tuning seed (runs <name>_s<seed>; seed 0 keeps the plain names) and prints
+#   the mean and spread over seeds (scripts/seeds_table.py).
 #
 # Expected runtime: about 3-5 minutes on a shared 2-core CPU. Finished runs are skipped (resumable).
 RUN_ROOT="${1:-${RUN_ROOT:-runs/llm_demo}}"
@@ -35,10 +37,13 @@ finetune() {  # EXP METHOD ARGS...
         --model.lr 1e-3 --model.weight_decay 0 --model.warmup_epochs 0 --trainer.max_epochs "${DEMO_EPOCHS:-15}" \
         "$@" "${EXTRA[@]}"
 }
-finetune l3 vanilla
-finetune "l3_r$RANK" asi --model.ranks "$RANK"
-finetune l3 lora
-finetune "l3_r${RANK}_lora" asi --model.ranks "$RANK" --model.lora true
+for seed in ${SEEDS:-0}; do
+    s=""; [[ "$seed" != 0 ]] && s="_s$seed"
+    finetune "l3$s" vanilla --seed_everything "$seed"
+    finetune "l3_r$RANK$s" asi --model.ranks "$RANK" --seed_everything "$seed"
+    finetune "l3$s" lora --seed_everything "$seed"
+    finetune "l3_r${RANK}_lora$s" asi --model.ranks "$RANK" --model.lora true --seed_everything "$seed"
+done
 
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "$PYTHON main.py report $RUN_ROOT/setupB --out $RUN_ROOT/report.md --no_plots true"
@@ -55,5 +60,8 @@ for f in sorted(Path(sys.argv[1]).glob("*/*/metrics.json")):
         print(f"{f.parent.parent.name}/{f.parent.name}: val_acc {100 * d.get('val_acc', float('nan')):.2f} %, "
               f"activation {r['activation_mib']:.4f} MiB, measured {r['measured_activation_mib']:.3f} MiB")
 PY
+    if [[ "${SEEDS:-0}" != 0 ]]; then
+        "$PYTHON" scripts/seeds_table.py "$RUN_ROOT/setupB/llama_tiny/digits_tokens" | tee "$RUN_ROOT/seeds.md"
+    fi
 fi
 finish

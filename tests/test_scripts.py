@@ -179,3 +179,33 @@ def test_extra_args_reach_every_command(tmp_path):
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and len(lines) == 8
     assert all(line.endswith("--model.budget hosvd@0.8 --trainer.max_epochs 1 --data.resolution 64") for line in lines)
+
+
+def test_demo_seeds_and_variants_keep_seed_0_names_and_the_table_parses_them(tmp_path):
+    """SEEDS / DEMO_VARIANTS add runs with a suffix and leave the plain demo's names (seed 0, the recipe) as they were;
+    scripts/seeds_table.py groups them back and computes the spread."""
+    import re
+    import sys
+
+    plain = sh("demo", tmp_path, env={"DRY_RUN": "1"}).stdout
+    more = sh("demo", tmp_path, env={"DRY_RUN": "1", "SEEDS": "0 2", "DEMO_VARIANTS": "recipe frozen_bn",
+                                     "DEMO_LAYERS": "4", "DEMO_METHODS": "asi"}).stdout
+    names = lambda out: re.findall(r"--exp_name (\S+)", out)  # noqa: E731
+    assert names(plain)[2:] == ["l2", "l2_R2", "l2_eps0.8", "l2_hosvd@0.8", "l4", "l4_R2", "l4_eps0.8",
+                                "l4_hosvd@0.8"]  # after pretrain and the perplexity measurement
+    assert names(more)[2:] == ["l4_hosvd@0.8", "l4_hosvd@0.8_frozen_bn", "l4_hosvd@0.8_s2",
+                               "l4_hosvd@0.8_frozen_bn_s2"]
+    frozen = [line for line in more.splitlines() if "--exp_name l4_hosvd@0.8_frozen_bn_s2" in line][0]
+    assert "--model.train_bn_affine false" in frozen and "--seed_everything 2" in frozen
+    assert "seeds_table.py" in more and "seeds_table.py" not in plain
+
+    root = tmp_path / "runs"
+    for run, acc in (("l4_hosvd@0.8", 0.95), ("l4_hosvd@0.8_s2", 0.97), ("l4_hosvd@0.8_frozen_bn", 0.9),
+                     ("l4_hosvd@0.8_frozen_bn_s2", None)):
+        (root / "asi" / run).mkdir(parents=True)
+        (root / "asi" / run / "metrics.json").write_text(json.dumps(
+            {"val_acc": acc, "status": "finished" if acc else "interrupted"}))
+    out = subprocess.run([sys.executable, str(SCRIPTS / "seeds_table.py"), str(root)], capture_output=True, text=True,
+                         timeout=60).stdout
+    assert "| asi | l4_hosvd@0.8 | recipe | 2 | 96.00 | 1.41 | 95.00 - 97.00 | s0: 95.00, s2: 97.00 |" in out
+    assert "| asi | l4_hosvd@0.8 | frozen_bn | 1 | 90.00 | – | 90.00 - 90.00 | s0: 90.00, s2: interrupted |" in out
