@@ -410,9 +410,56 @@ def validate_table(table: Any, source: str = "perplexity table") -> dict:
                 if not _is_real(v) or not math.isfinite(v):
                     fail(f"{where}: {key}[{j}] (eps={eps[j]}) must be a finite number, "
                          f"got {v!r}")
-                if key == "memory_mib" and v < 0:
-                    fail(f"{where}: memory_mib[{j}] (eps={eps[j]}) is negative ({v!r})")
+                if key == "memory_mib" and v <= 0:
+                    fail(f"{where}: memory_mib[{j}] (eps={eps[j]}) is {v!r}; a compressed layer keeps more than "
+                         f"nothing: re-measure the table")
+                if key == "perplexity" and v < 0:
+                    fail(f"{where}: perplexity[{j}] (eps={eps[j]}) is negative ({v!r}); a perplexity is a squared "
+                         f"error, >= 0: re-measure the table")
+        if not str(table.get("source", "")).startswith("authors'"):  # their pickle: no layer shapes, eps and
+            for j, r in enumerate(entry["ranks"]):                      # columns written together by their code
+                shape = entry["input_shape"]
+                if len(r) != len(shape) or any(x > d for x, d in zip(r, shape)):
+                    fail(f"{where}: ranks[{j}] (eps={eps[j]}) = {r} do not fit the layer's input {shape} (one rank "
+                         f"per mode, none larger than its mode); training would keep more than the table says: "
+                         f"re-measure the table")
+            _check_columns(entry, eps, fail, where)
     return table
+
+
+def _check_columns(entry: dict, eps: Sequence[float], fail, where: str) -> None:
+    """A larger eps keeps more: ranks (mode by mode) and memory never fall as eps rises. A table whose
+    ``epsilons`` were reordered without its columns (or edited by hand) breaks this, and ``hosvd@<eps>`` would
+    then read another eps's column."""
+    order = sorted(range(len(eps)), key=lambda j: eps[j])
+    for a, b in zip(order, order[1:]):
+        ra, rb = entry["ranks"][a], entry["ranks"][b]
+        if any(x > y for x, y in zip(ra, rb)) or entry["memory_mib"][a] > entry["memory_mib"][b]:
+            fail(f"{where}: eps {eps[a]} keeps ranks {ra} ({entry['memory_mib'][a]!r} MiB) but the larger eps {eps[b]} "
+                 f"keeps {rb} ({entry['memory_mib'][b]!r} MiB); the columns do not follow 'epsilons' {list(eps)} "
+                 f"(reordered or edited?): re-measure the table")
+
+
+def check_table_consistent(table: dict, source: str = "perplexity table") -> None:
+    """What a table measured by this project (not converted from the authors' pickle, which records no layer
+    shapes) must satisfy before its ranks train a model, beyond :func:`validate_table` (one rank per mode of the
+    layer's recorded input, none larger than that mode; columns that grow with eps): ``memory_mib`` is eq. 5 of the
+    ranks on that shape (at 2, 4 or 8 bytes an element, whole modes counted or not), so the budget a selection
+    reports is the memory training uses. Hand-made tables for experiments may skip it (``select`` does not call
+    it); the framework does. ValueError naming the layer, the eps and what does not fit."""
+    from .accounting import MIB as _MIB, tucker_elements
+
+    validate_table(table, source)
+    if str(table.get("source", "")).startswith("authors'"):
+        return
+    for name, entry in table["layers"].items():
+        shape = list(entry["input_shape"])
+        for j, (r, mem) in enumerate(zip(entry["ranks"], entry["memory_mib"])):
+            where = f"{source}: layer {name!r}, eps {table['epsilons'][j]}"
+            expected = {tucker_elements(shape, r, whole) * b / _MIB for whole in (False, True) for b in (2, 4, 8)}
+            if not any(math.isclose(mem, e, rel_tol=1e-6) for e in expected):
+                raise ValueError(f"{where}: memory_mib {mem!r} is not what ranks {r} keep on input {shape} (eq. 5: "
+                                 f"{tucker_elements(shape, r) * 4 / _MIB:.6g} MiB in float32); re-measure the table")
 
 
 def load_table(path: str | os.PathLike) -> dict:

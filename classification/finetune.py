@@ -103,7 +103,7 @@ def user_option_defaults() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- 0. options
 def check_model_options(method: str = "vanilla", num_finetune="all", lr: float = 0.05, momentum: float = 0.0,
                         weight_decay: float = 1e-4, warmup_epochs: int = 0, frozen_micro_batch=None,
-                        **options) -> list[str]:
+                        lora_rank: int = 8, lora_alpha: float = 16.0, **options) -> list[str]:
     """Check the numbers of the model options before anything is built: ValueError naming the option, the value and
     the valid range (the method's own options by its ``user_options``). Returns warnings for method options set away
     from their default that ``method`` ignores."""
@@ -120,6 +120,11 @@ def check_model_options(method: str = "vanilla", num_finetune="all", lr: float =
         bad("weight_decay", weight_decay, "it must be a finite number >= 0")
     if not _is_int(warmup_epochs) or warmup_epochs < 0:
         bad("warmup_epochs", warmup_epochs, "it must be an integer >= 0")
+    if not _is_int(lora_rank) or lora_rank < 1:
+        bad("lora_rank", lora_rank, "it must be an integer >= 1 (the LoRA rank r)")
+    if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not (
+            math.isfinite(lora_alpha) and lora_alpha > 0):
+        bad("lora_alpha", lora_alpha, "it must be a finite number > 0 (the update is alpha / r * B A x)")
     if frozen_micro_batch is not None and (not _is_int(frozen_micro_batch) or frozen_micro_batch < 1):
         bad("frozen_micro_batch", frozen_micro_batch, "it must be an integer >= 1 (samples per micro-batch of the "
             "frozen prefix) or null (the whole batch at once)")
@@ -289,6 +294,11 @@ def add_adapters(net: nn.Module, hp, spec: ModelSpec, layer_type: str, include) 
     from .llm import add_lora
     targets = (asi_core.candidate_layers(net, "linear", hp.lora_targets) if hp.lora_targets is not None else
                finetune_candidates(net, hp.num_finetune, layer_type, include))
+    if not targets:
+        names = asi_core.candidate_layers(net, "linear")
+        near = difflib.get_close_matches(str(hp.lora_targets), names, n=5, cutoff=0.3)
+        raise ValueError(f"--model.lora_targets {hp.lora_targets!r} matches none of {hp.backbone}'s linear layers "
+                         f"(a regex searched in the name, or a glob); e.g. {near or names[-5:]}")
     layers, lora_b = add_lora(net, targets, hp.lora_rank, hp.lora_alpha)
     for p in net.get_submodule(spec.head).parameters():
         p.requires_grad_(True)
@@ -401,6 +411,7 @@ def select_ranks(net: nn.Module, backbone: str, num_finetune: Union[int, str], p
         else:
             table = ranks_lib.load_table(perplexity_file)
         ranks_lib.check_table_matches(table, model_name=backbone, layer_names=names, input_shape=input_shape)
+        ranks_lib.check_table_consistent(table, str(perplexity_file))
         chosen = ranks_lib.select(table, budget, layers=names)
     except ValueError as err:
         raise ValueError(f"--model.perplexity_file {perplexity_file}: {err}") from None

@@ -305,3 +305,32 @@ def test_load_table(tmp_path):
         load_table(path)
     with pytest.raises(FileNotFoundError, match="measurement"):
         load_table(tmp_path / "missing.json")
+
+
+def _consistent_table():
+    """One layer measured by this project: memory_mib is eq. 5 of its ranks on its shape, in float32."""
+    from asi_core.accounting import tucker_elements
+    shape, eps = [8, 32, 7, 7], [0.4, 0.8, 0.9]
+    ranks = [[1, 2, 1, 1], [2, 4, 2, 2], [3, 6, 3, 3]]
+    return {"schema_version": 1, "model": "mcunet", "dataset": "digits", "input_shape": [8, 3, 96, 96],
+            "batch_size": 8, "epsilons": eps, "num_batches": 1,
+            "layers": {"blocks.13.conv": {"input_shape": shape, "ranks": ranks,
+                                          "memory_mib": [tucker_elements(shape, r) * 4 / 2 ** 20 for r in ranks],
+                                          "perplexity": [3.0, 1.0, 0.5]}}}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda e, t: e["ranks"].__setitem__(2, [3, 3000, 3, 3]), "do not fit the layer's input"),
+    (lambda e, t: e["ranks"].__setitem__(2, [3, 6, 3]), "do not fit the layer's input"),
+    (lambda e, t: e["memory_mib"].__setitem__(2, e["memory_mib"][2] * 10), "is not what ranks"),
+    (lambda e, t: e["memory_mib"].__setitem__(0, 0.0), "keeps more than nothing"),
+    (lambda e, t: e["perplexity"].__setitem__(1, -1.0), "negative"),
+    (lambda e, t: t.__setitem__("epsilons", [0.9, 0.8, 0.4]), "do not follow 'epsilons'"),
+])
+def test_a_table_that_does_not_fit_its_own_shapes_is_refused(edit, message):
+    from asi_core.ranks import check_table_consistent
+    table = _consistent_table()
+    check_table_consistent(table)  # as measured: fine
+    edit(table["layers"]["blocks.13.conv"], table)
+    with pytest.raises(ValueError, match=message):
+        check_table_consistent(table, "p.json")
