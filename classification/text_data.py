@@ -57,8 +57,60 @@ def digits_tokens() -> TokenDataset:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSON-lines file; ValueError naming the file and line of one that is not a JSON object."""
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not valid JSON ({err.msg}, column {err.colno}); a truncated "
+                                 f"or edited file? Re-download it") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+_BOOL_WORDS = {"true": 1, "false": 0, "1": 1, "0": 0}
+
+
+def boolq_label(row: dict, path: Path, number: int) -> int:
+    """BoolQ's answer as 0/1: ``answer`` (official: true/false) or ``label`` (SuperGLUE: 0/1); also the strings
+    "true"/"false"/"1"/"0" (any case), which some exports write. Anything else is a ValueError naming the line:
+    ``bool("false")`` would read a string answer as yes."""
+    key = "answer" if "answer" in row else "label" if "label" in row else None
+    if key is None:
+        raise ValueError(f"{path} line {number}: no 'answer' (or 'label') field; BoolQ rows hold question, passage "
+                         f"and answer")
+    value = row[key]
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ValueError(f"{path} line {number}: '{key}' is {value!r}; expected true/false (or 0/1)")
+
+
+def read_boolq(path: Path) -> tuple[list[str], list[str], list[int]]:
+    """(questions, passages, labels) of a BoolQ JSONL file, every row checked (ValueError naming file and line)."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise ValueError(f"{path} holds no rows; expected BoolQ's JSON lines (question, passage, answer): "
+                         f"re-download it")
+    questions, passages, labels = [], [], []
+    for number, row in enumerate(rows, 1):
+        for field_ in ("question", "passage"):
+            if not isinstance(row.get(field_), str):
+                raise ValueError(f"{path} row {number}: '{field_}' is missing or not a string "
+                                 f"({row.get(field_)!r}); BoolQ rows hold question, passage and answer")
+        questions.append(row["question"])
+        passages.append(row["passage"])
+        labels.append(boolq_label(row, path, number))
+    return questions, passages, labels
 
 
 def encode_pairs(tokenizer, questions: list[str], passages: list[str], max_length: int
@@ -96,9 +148,8 @@ def boolq(root: Path, tokenizer: Optional[str], max_length: int) -> tuple[TokenD
     tok = load_tokenizer(tokenizer)
 
     def build(path: Path) -> TokenDataset:
-        rows = read_jsonl(path)
-        ids, mask = encode_pairs(tok, [r["question"] for r in rows], [r["passage"] for r in rows], max_length)
-        labels = [int(bool(r["answer"] if "answer" in r else r["label"])) for r in rows]
+        questions, passages, labels = read_boolq(path)
+        ids, mask = encode_pairs(tok, questions, passages, max_length)
         return TokenDataset(ids, mask, labels)
 
     return build(train), build(dev)

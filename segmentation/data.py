@@ -110,8 +110,10 @@ def _to_tensors(img: np.ndarray, seg: np.ndarray, pad_to: Optional[tuple[int, in
 class SegmentationFiles(Dataset):
     """(image path, label path) pairs through the mmseg pipeline (``train``) or its evaluation resize."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], train: bool, scale: tuple[int, int], crop: tuple[int, int]):
+    def __init__(self, pairs: list[tuple[Path, Path]], train: bool, scale: tuple[int, int], crop: tuple[int, int],
+                 num_classes: Optional[int] = None):
         self.pairs, self.train, self.scale, self.crop = pairs, train, scale, crop
+        self.num_classes = num_classes  # labels must be < num_classes or IGNORE_INDEX (None: not checked)
 
     def __len__(self):
         return len(self.pairs)
@@ -121,6 +123,7 @@ class SegmentationFiles(Dataset):
 
         img_path, seg_path = self.pairs[i]
         img, seg = Image.open(img_path).convert("RGB"), Image.open(seg_path)
+        check_label(seg, img.size, seg_path, img_path, self.num_classes)
         if not self.train:
             img, _ = _resize(img, None, _rescale_size(*img.size, self.scale))
             return _to_tensors(np.asarray(img), np.asarray(seg))
@@ -132,6 +135,24 @@ class SegmentationFiles(Dataset):
             img, seg = img[:, ::-1], seg[:, ::-1]
         img = _photometric(img, rng)
         return _to_tensors(img, seg, pad_to=self.crop)
+
+
+def check_label(seg, image_size: tuple[int, int], seg_path: Path, img_path: Path, num_classes: Optional[int]) -> None:
+    """A label map is one class index per pixel (a palette or grayscale PNG), of its image's size, each value a
+    class or IGNORE_INDEX: ValueError naming the file and what it holds otherwise (an RGB colour map, another size,
+    a class the dataset does not have would train or score silently wrong)."""
+    if seg.mode not in ("P", "L", "I", "I;16"):
+        raise ValueError(f"label {seg_path} is a {seg.mode} image; expected one class index per pixel (a palette or "
+                         f"grayscale PNG, as mmseg's convert_datasets scripts write): convert the colour map first")
+    if seg.size != image_size:
+        raise ValueError(f"label {seg_path} is {seg.size[0]}x{seg.size[1]} but its image {img_path} is "
+                         f"{image_size[0]}x{image_size[1]}; a label must cover its image pixel for pixel")
+    if num_classes is not None:
+        values = np.unique(np.asarray(seg))
+        bad = [int(v) for v in values if v >= num_classes and v != IGNORE_INDEX]
+        if bad:
+            raise ValueError(f"label {seg_path} holds class value(s) {bad[:8]}; this dataset has classes 0-"
+                             f"{num_classes - 1} and {IGNORE_INDEX} (ignored)")
 
 
 # ----------------------------------------------------------------------------- VOC12 aug
@@ -163,9 +184,12 @@ def voc12aug_sets(root: Path, resolution: int, seed: int = 0):
     train += [(d / "JPEGImages" / f"{n}.jpg", d / "SegmentationClassAug" / f"{n}.png")
               for n in _read_list(lists / "aug.txt")]
     val = [(d / "JPEGImages" / f"{n}.jpg", d / "SegmentationClass" / f"{n}.png") for n in _read_list(lists / "val.txt")]
+    for pairs, files in ((train, "train.txt and aug.txt"), (val, "val.txt")):
+        if not pairs:
+            raise ValueError(f"dataset 'voc12aug': {lists} / {files} list no images; {VOC_HOW_TO}")
     scale, crop = (4 * resolution, resolution), (resolution, resolution)
-    val_set = SegmentationFiles(val, False, scale, crop)
-    return SegmentationFiles(train, True, scale, crop), val_set, val_set
+    val_set = SegmentationFiles(val, False, scale, crop, num_classes=21)
+    return SegmentationFiles(train, True, scale, crop, num_classes=21), val_set, val_set
 
 
 # ----------------------------------------------------------------------------- Cityscapes
@@ -192,8 +216,8 @@ def cityscapes_sets(root: Path, resolution: int, seed: int = 0):
         return out
 
     scale, crop = (4 * resolution, 2 * resolution), (resolution, 2 * resolution)  # mmseg: (2048, 1024), 512x1024
-    val_set = SegmentationFiles(pairs("val"), False, scale, crop)
-    return SegmentationFiles(pairs("train"), True, scale, crop), val_set, val_set
+    val_set = SegmentationFiles(pairs("val"), False, scale, crop, num_classes=19)
+    return SegmentationFiles(pairs("train"), True, scale, crop, num_classes=19), val_set, val_set
 
 
 # ----------------------------------------------------------------------------- digit scenes

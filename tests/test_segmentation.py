@@ -368,3 +368,58 @@ def test_voc12aug_pipeline_on_a_tiny_folder(tmp_path):
         assert set(y.unique().tolist()) <= {0, 7, 255}
     x, y = val[0]
     assert y.shape == (30, 40) and x.shape == (3, 32, 43)  # short side 30 -> 32 (scale (128, 32)), ratio kept
+
+
+def _voc(tmp_path, label, size=(8, 6), names=("a",)):
+    """A voc12aug folder of one image and label in mmseg's layout."""
+    from PIL import Image
+
+    d = tmp_path / "voc12aug"
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    for n in names:
+        Image.new("RGB", size).save(d / "JPEGImages" / f"{n}.jpg")
+        label.save(d / "SegmentationClass" / f"{n}.png")
+    for lst in ("train", "val"):
+        (d / "ImageSets/Segmentation" / f"{lst}.txt").write_text("".join(f"{n}\n" for n in names))
+    (d / "ImageSets/Segmentation" / "aug.txt").write_text("")
+    return d
+
+
+@pytest.mark.parametrize("case,message", [
+    ("rgb", "is a RGB image; expected one class index per pixel"),
+    ("class", r"holds class value\(s\) \[40\]; this dataset has classes 0-20 and 255"),
+    ("size", "is 4x4 but its image"),
+])
+def test_voc_labels_are_checked_before_they_train_or_score(tmp_path, case, message):
+    from PIL import Image
+
+    from segmentation.data import voc12aug_sets
+
+    if case == "rgb":
+        label = Image.new("RGB", (8, 6), (128, 0, 0))
+    else:
+        arr = np.zeros((6, 8), dtype=np.uint8)
+        arr[0, 0] = 40 if case == "class" else 255
+        label = Image.fromarray(arr if case != "size" else arr[:4, :4], mode="L")
+    _voc(tmp_path, label)
+    train, val, _ = voc12aug_sets(tmp_path, 8)
+    for ds in (train, val):
+        with pytest.raises(ValueError, match=message) as err:
+            ds[0]
+        assert "SegmentationClass" in str(err.value)
+
+
+def test_voc_a_valid_label_with_ignored_pixels_loads_and_an_empty_list_is_refused(tmp_path):
+    from PIL import Image
+
+    from segmentation.data import voc12aug_sets
+
+    arr = np.full((6, 8), 255, dtype=np.uint8)
+    arr[:3] = 20
+    _voc(tmp_path, Image.fromarray(arr, mode="L"))
+    _, val, _ = voc12aug_sets(tmp_path, 8)
+    assert set(np.unique(val[0][1].numpy())) == {20, 255}
+    (tmp_path / "voc12aug/ImageSets/Segmentation/val.txt").write_text("")
+    with pytest.raises(ValueError, match="val.txt list no images"):
+        voc12aug_sets(tmp_path, 8)
