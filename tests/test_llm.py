@@ -311,3 +311,45 @@ def test_measure_then_fit_with_ranks_from_the_table(run_cli, tmp_path):
         assert c["eps"] == 0.5 and c["ranks"] == table["layers"][c["name"]]["ranks"][0]
     assert [layer.method.ranks for _, layer in asi_core.patched_layers(cli.model.net)] == [tuple(c["ranks"])
                                                                                           for c in chosen]
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"question": "q", "passage": "p", "answer": "maybe"}', "line 2: 'answer' is 'maybe'; expected true/false"),
+    ('{"question": "q", "passage": "p", "answ', "line 2: not valid JSON"),
+    ('{"question": "q", "answer": true}', "row 2: 'passage' is missing"),
+    ('{"question": "q", "passage": "p"}', "line 2: no 'answer'"),
+    ('[1, 2]', "line 2: expected a JSON object"),
+    ('', "holds no rows"),
+])
+def test_boolq_rows_are_checked_and_errors_name_the_file_and_line(tmp_path, bad, message):
+    from classification.text_data import read_boolq
+
+    path = tmp_path / "train.jsonl"
+    first = json.dumps(BOOLQ_ROWS[0]) + "\n" if bad else ""
+    path.write_text(first + bad + "\n")
+    with pytest.raises(ValueError, match=message) as err:
+        read_boolq(path)
+    assert str(path) in str(err.value)
+
+
+def test_boolq_string_answers_are_read_as_what_they_say(tmp_path):
+    """``"answer": "false"`` was label 1 (bool of a non-empty string): a file with string answers trained on
+    all-positive labels."""
+    from classification.text_data import read_boolq
+
+    path = tmp_path / "dev.jsonl"
+    rows = [{"question": "q", "passage": "p", "answer": a} for a in ("false", "True", "0", 1, False)]
+    rows.append({"question": "q", "passage": "p", "label": 0})  # SuperGLUE's val.jsonl
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_boolq(path)[2] == [0, 1, 0, 1, 0, 0]
+
+
+def test_lora_options_are_checked_with_messages_that_say_what_to_do():
+    from classification.finetune import check_model_options
+    from classification.model import ClassificationModel
+
+    for option, bad in (("lora_rank", 0), ("lora_rank", 2.5), ("lora_alpha", 0), ("lora_alpha", float("nan"))):
+        with pytest.raises(ValueError, match=f"--model.{option} .* is invalid"):
+            check_model_options(**{option: bad})
+    with pytest.raises(ValueError, match=r"--model.lora_targets 'nothing_here' matches none of llama_tiny's linear"):
+        ClassificationModel("llama_tiny", 10, pretrained=False, method="lora", lora_targets="nothing_here")
