@@ -12,12 +12,13 @@ from typing import Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 import asi_core
 from asi_core.peak import inference_peak, peak_of
 
 from .resources import MIB, PEAK_KEYS, ActivationMeter, layer_reports, totals
-from .rundir import write_metrics
+from .rundir import atomic_write, write_metrics
 
 
 def weights_digest(module: torch.nn.Module) -> bytes:
@@ -222,3 +223,14 @@ class ResourceAccounting(pl.Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
         if trainer.is_global_zero:
             write_metrics(trainer.default_root_dir, {"resources": res})
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic for local files (``rundir.atomic_write``): Lightning writes
+    ``last.ckpt`` in place, so a full disk or a kill during the write left a truncated file that the next
+    ``--ckpt_path last`` could not load. Other filesystems (s3://, ...) keep Lightning's own writer."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))

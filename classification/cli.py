@@ -48,9 +48,10 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from . import families  # noqa: F401  every model, dataset and task registered
-from .callbacks import ResourceAccounting, RunStatus, WeightsDigest
+from .callbacks import AtomicCheckpointIO, ResourceAccounting, RunStatus, WeightsDigest
 from .data import ClassificationData, check_data_options, input_shape_of, num_classes_of
 from .lifecycle import (Run, RunRefused, checkpoint_provenance, file_sha256,  # noqa: F401 (re-exported)
                         setup_b_checkpoint)
@@ -329,6 +330,8 @@ class ASICLI(LightningCLI):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks + self._standard_callbacks(tcfg, callbacks)
         trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, unless a plugin set one
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # last.ckpt never half-written (a full disk, a kill)
         # what the subcommands of ASITrainer need besides the model and the data
         cfg = self._section()
         trainer.run_dir, trainer.model_args = self.run_dir, cfg.model.as_dict()

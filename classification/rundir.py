@@ -136,6 +136,32 @@ def write_metrics(run_dir: Union[str, Path], metrics: Mapping[str, Any]) -> dict
     merged = {**read_metrics(run_dir), **_jsonable(dict(metrics))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(merged, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        tmp.replace(path)
+    except BaseException:  # a full disk, an interrupt: no half-written temporary left, the old file intact
+        tmp.unlink(missing_ok=True)
+        raise
     return merged
+
+
+def atomic_write(path: Union[str, Path], write) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (same directory, so the same filesystem), flushed to disk,
+    then renamed over ``path``: a reader, or a resume after a crash or a full disk, sees the old file or the new
+    one, never half of one. On failure the temporary file is removed and the error says which file could not be
+    written (the old one, if any, is intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            kept = "the previous file is intact" if path.exists() else "no file was written"
+            raise OSError(err.errno, f"could not write {path} ({err.strerror or err}); {kept}") from err
+        raise

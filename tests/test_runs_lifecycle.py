@@ -213,3 +213,42 @@ def test_sweeps_count_a_run_as_done_only_with_the_requested_settings(tmp_path):
     assert "skip (done): " + str(run / "metrics.json") not in full.stderr
     redo = sh("baselines", env={**env, "EXTRA_ARGS": "--trainer.max_epochs 50", "DRY_RUN": "1", "OVERWRITE": "1"})
     assert all("--overwrite true" in c and "--resume" not in c for c in redo.stdout.splitlines() if "main.py fit" in c)
+
+
+# ------------------------------------------------------------------------------------------ atomic writes (issue 22)
+def test_a_write_that_fails_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    from classification.rundir import atomic_write, read_metrics, write_metrics
+
+    path = tmp_path / "last.ckpt"
+    atomic_write(path, lambda f: torch.save({"step": 1}, f))
+
+    def full_disk(f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match=r"could not write .*last.ckpt \(No space left on device\); the previous file "
+                                      r"is intact"):
+        atomic_write(path, full_disk)
+    assert load(path) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+    write_metrics(tmp_path, {"status": "running"})
+
+    def no_space(self, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(pathlib.Path, "replace", no_space)
+    with pytest.raises(OSError):
+        write_metrics(tmp_path, {"status": "finished"})
+    monkeypatch.undo()
+    assert read_metrics(tmp_path)["status"] == "running"  # the old file, and no orphan .metrics.json.<pid>.tmp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "metrics.json"]
+
+
+def test_fit_writes_its_checkpoints_atomically(run_cli, tmp_path):
+    from classification.callbacks import AtomicCheckpointIO
+
+    cli = run_cli("fit", *ASI, "--exp_name", "atomic")
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    ckpts = run_path(tmp_path, "atomic") / "checkpoints"
+    assert load(ckpts / "last.ckpt")["global_step"] == 3 and not list(ckpts.glob(".*.tmp"))
