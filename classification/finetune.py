@@ -429,6 +429,10 @@ def check_layer_names(net: nn.Module, names: List[str], layer_type: str = "conv"
     candidates = asi_core.candidate_layers(net, layer_type)
     if not names:
         raise ValueError("--model.layers is empty: name at least one layer, or leave it unset")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--model.layers names {repeated} more than once: name each layer once (the run would "
+                         f"train {len(set(names))} layers, not {len(names)})")
     for name in names:
         if name not in candidates:
             near = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)

@@ -147,3 +147,12 @@ def test_paper_recipe_warmup_then_cosine():
     adam = ClassificationModel("mcunet", 10, pretrained=False, optimizer="adam", scheduler="constant")
     adam.trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=1)
     assert isinstance(adam.configure_optimizers(), torch.optim.Adam)
+
+
+def test_a_layer_named_twice_is_refused_not_dropped():
+    """--model.layers a,a used to train one layer while messages counted two."""
+    from classification.model import ClassificationModel
+
+    with pytest.raises(ValueError, match=r"--model.layers names \['layer4.1.conv2'\] more than once"):
+        ClassificationModel("resnet18", 10, pretrained=False, method="asi", num_finetune=2,
+                            layers=["layer4.1.conv1", "layer4.1.conv2", "layer4.1.conv2"])
