@@ -132,6 +132,7 @@ def _trace(module: nn.Module) -> Optional[_Graph]:
         return None
     inputs: list[str] = []
     calls: dict[str, _Call] = {}
+    nodes: list[fx.Node] = []  # the nodes of ``calls``
     next_module = None
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -147,18 +148,16 @@ def _trace(module: nn.Module) -> Optional[_Graph]:
         if _in_place(node, module):
             if _private_in_place(node, calls):
                 calls[node.name] = _call(node)
+                nodes.append(node)
                 continue
             break  # it may change a value something else reads: nothing after it is taken out of order
         if node.op == "call_module" and _takes_prefix_values(node, inputs, calls):
             calls[node.name] = _call(node)
+            nodes.append(node)
         # any other operation runs in the forward itself, on the whole batch (a reshape by the batch size, a batch
         # mean, a residual sum), and so does any module that uses its result
-    frontier = [c.name for c in calls.values() if any(u.name not in calls for u in _node(graph, c.name).users)]
+    frontier = [n.name for n in nodes if any(u.name not in calls for u in n.users)]
     return _Graph(inputs, list(calls.values()), frontier, next_module)
-
-
-def _node(graph: fx.Graph, name: str) -> fx.Node:
-    return next(n for n in graph.nodes if n.name == name)
 
 
 def _call(node: fx.Node) -> _Call:
@@ -199,7 +198,7 @@ def _private_in_place(node: fx.Node, calls: dict) -> bool:
 
 
 class _NotPerSample(Exception):
-    pass
+    """A prefix call gave a value that is not per-sample: the micro-batches stop and the module runs whole."""
 
 
 def _per_sample(value, n: int) -> bool:
@@ -262,6 +261,17 @@ def _in_micro_batches(run, args: tuple, size: int, micro_batch: int) -> Optional
     return tree_unflatten(out, spec)
 
 
+def _gathered(module: nn.Module, p: _Plan, run, args: tuple, size: int) -> Optional[list]:
+    """:func:`_in_micro_batches`, or None (warned once) when a value on the way is not per-sample."""
+    try:
+        done = _in_micro_batches(run, args, size, p.micro_batch)
+    except _NotPerSample:
+        done = None
+    if done is None:
+        _warn_once(module, p, "hands on a value that is not a per-sample tensor (batch first)")
+    return done
+
+
 def _warn_once(module: nn.Module, p: _Plan, why: str) -> None:
     if module.training not in p.failed:
         p.failed.add(module.training)
@@ -282,12 +292,7 @@ def _sequential_forward(module: nn.Sequential, p: _Plan, x):
                 if not _per_sample(t, n):
                     raise _NotPerSample
             return [t]
-        try:
-            done = _in_micro_batches(run, (x,), size, p.micro_batch)
-        except _NotPerSample:
-            done = None
-        if done is None:
-            _warn_once(module, p, "hands on a value that is not a per-sample tensor (batch first)")
+        done = _gathered(module, p, run, (x,), size)
     if done is not None:
         x = done[0]
     else:
@@ -352,12 +357,8 @@ def _graph_forward(module: nn.Module, p: _Plan, *args, **kwargs):
             env[c.name] = out
         return [env[name] for name in g.frontier]
 
-    try:
-        done = _in_micro_batches(run, args, size, p.micro_batch)
-    except _NotPerSample:
-        done = None
+    done = _gathered(module, p, run, args, size)
     if done is None:
-        _warn_once(module, p, "hands on a value that is not a per-sample tensor (batch first)")
         return whole()
     results = dict(zip(g.frontier, done))
     del done
@@ -367,23 +368,20 @@ def _graph_forward(module: nn.Module, p: _Plan, *args, **kwargs):
         env[c.name] = results.get(c.name, _SKIPPED)
         queues[c.target].append((tuple(resolve(a, env) for a in c.args),
                                  {k: resolve(v, env) for k, v in c.kwargs.items()}, env[c.name]))
+    stale = "was not called as traced (its forward takes another branch now)"  # whole from then on, this mode
     for target, m in targets.items():
         m.forward = partial(_replay, m, queues[target])
     try:
-        out = whole()
+        try:
+            out = whole()
+        finally:
+            for m in targets.values():
+                del m.forward
     except Exception:  # noqa: BLE001 - a skipped result reached other code: the trace is stale
-        for m in targets.values():
-            del m.forward
-        targets = {}
-        p.graphs.pop(module.training, None)  # traced again at the next call
-        _warn_once(module, p, "was not called as traced (its forward takes another branch now)")
+        _warn_once(module, p, stale)
         return whole()
-    finally:
-        for m in targets.values():
-            m.__dict__.pop("forward", None)
     if any(queues.values()):  # some prefix calls were not made: the result holds, the work was wasted
-        p.graphs.pop(module.training, None)
-        _warn_once(module, p, "was not called as traced (its forward takes another branch now)")
+        _warn_once(module, p, stale)
     return out
 
 

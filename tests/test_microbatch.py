@@ -346,3 +346,34 @@ def test_a_module_recompute_converted_is_left_to_it():
     holder = nn.Sequential(net)  # the whole network one checkpointed segment of the holder's
     holder[0].forward = partial(recompute._recomputed_forward, holder[0])
     assert microbatch.enable(holder, 4) == [] and recompute.recomputed_segments(holder) == ["0"]
+
+
+class Branching(nn.Module):
+    """Python branches read after enable: one skips a prefix module, one reads a result only prefix calls read
+    when traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4).requires_grad_(False), nn.Linear(4, 4).requires_grad_(False)
+        self.head = nn.Linear(4, 2)
+        self.skip, self.peek = False, False
+
+    def forward(self, x):
+        h = x if self.skip else self.a(x)
+        out = self.head(self.b(h))
+        return out + h.sum(1, keepdim=True) if self.peek else out
+
+
+@pytest.mark.parametrize("flag", ["skip", "peek"])
+def test_a_forward_that_leaves_its_trace_still_gives_the_plain_result(flag):
+    torch.manual_seed(0)
+    net = Branching()
+    ref = copy.deepcopy(net)
+    assert microbatch.enable(net, 2) == [("", ["a", "b"])]
+    setattr(net, flag, True)
+    setattr(ref, flag, True)
+    x = torch.randn(6, 4)
+    with pytest.warns(UserWarning, match="was not called as traced"):
+        y = net(x)
+    torch.testing.assert_close(y, ref(x))
+    assert "forward" not in net.a.__dict__ and "forward" not in net.b.__dict__  # the replays are removed
