@@ -132,16 +132,9 @@ def write_metrics(run_dir: Union[str, Path], metrics: Mapping[str, Any]) -> dict
 
     The file is replaced atomically, so a reader never sees half a file.
     """
-    path = Path(run_dir) / METRICS_FILE
     merged = {**read_metrics(run_dir), **_jsonable(dict(metrics))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(merged, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        tmp.replace(path)
-    except BaseException:  # a full disk, an interrupt: no half-written temporary left, the old file intact
-        tmp.unlink(missing_ok=True)
-        raise
+    text = json.dumps(merged, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write(Path(run_dir) / METRICS_FILE, lambda f: f.write(text.encode("utf-8")))
     return merged
 
 

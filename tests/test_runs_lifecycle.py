@@ -218,7 +218,6 @@ def test_sweeps_count_a_run_as_done_only_with_the_requested_settings(tmp_path):
 # ------------------------------------------------------------------------------------------ atomic writes (issue 22)
 def test_a_write_that_fails_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
     import errno
-    import pathlib
 
     from classification.rundir import atomic_write, read_metrics, write_metrics
 
@@ -235,9 +234,9 @@ def test_a_write_that_fails_leaves_the_previous_file_and_no_temporary(tmp_path, 
 
     write_metrics(tmp_path, {"status": "running"})
 
-    def no_space(self, target):
+    def no_space(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(pathlib.Path, "replace", no_space)
+    monkeypatch.setattr(os, "replace", no_space)
     with pytest.raises(OSError):
         write_metrics(tmp_path, {"status": "finished"})
     monkeypatch.undo()
