@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .approx import keep_exact
 from .decompose import clip_ranks, hosvd, subspace_iteration
 
 __all__ = ["METHODS", "Method", "Option", "register_method", "get_method", "LowRankFn", "GradFilterFn",
@@ -122,6 +123,7 @@ class LowRankFn(torch.autograd.Function):
         y = ops.forward(x, weight, bias)
         core, factors = compress(x)
         ctx.ops, ctx.x_shape, ctx.n_factors = ops, x.shape, len(factors)
+        keep_exact(core, *factors)  # the Tucker form is the method's compression already (asi_core.approx)
         ctx.save_for_backward(weight, core, *factors)
         return y
 
@@ -143,6 +145,7 @@ class GradFilterFn(torch.autograd.Function):
         y = ops.forward(x, weight, bias)
         x_bar = ops.filter_input(x, radius)
         ctx.ops, ctx.radius, ctx.x_shape = ops, radius, x.shape
+        keep_exact(x_bar)
         ctx.save_for_backward(weight, x_bar)
         return y
 
@@ -487,8 +490,9 @@ class ASI(_LowRank):
             return self._finish(x, core, factors, ranks)
         for m, u in enumerate(factors):
             buf = getattr(self, f"factor_{m}")
-            if u is None:
-                buf.resize_(0)
+            if u is None:  # a full-rank mode keeps no factor (a new empty tensor: resize_ of a real buffer is
+                if buf.numel():  # refused under FakeTensorMode, the shape-only profile's)
+                    buf.data = torch.empty(0, dtype=buf.dtype, device=buf.device)
             else:
                 if buf.shape != u.shape or buf.dtype != u.dtype or buf.device != u.device:
                     buf.data = torch.empty_like(u)
@@ -578,6 +582,7 @@ class PaperGradFilterFn(torch.autograd.Function):
         y = ops.forward(x, weight, bias)
         x_sum = ops.paper_filter_input(x, radius)
         ctx.ops, ctx.radius, ctx.x_shape = ops, radius, x.shape
+        keep_exact(x_sum)
         ctx.save_for_backward(weight, x_sum)  # the weight is a parameter: no activation memory
         return y
 

@@ -21,8 +21,9 @@ __all__ = ["run_benchmark", "time_weight_gradients"]
 
 BASELINE = Vanilla.name  # what the ratios and speed-ups are relative to (plain autograd: "ratios_to_vanilla")
 
-VARIANTS = ("", "checkpointing", "recompute", "micro")  # --benchmark.methods entries: METHOD or METHOD+VARIANT
+VARIANTS = ("", "checkpointing", "recompute", "micro", "approx", "approx+recompute")  # METHOD or METHOD+VARIANT
 MICRO_BATCH = 8  # "+micro": the frozen prefix in micro-batches of --model.frozen_micro_batch, or of this many
+APPROX_BITS = 8  # "+approx": 2-bit activation derivatives, saved tensors in --model.saved_bits bits or this many
 
 
 def _sync(device: torch.device):
@@ -157,16 +158,20 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
     unknown = [m for m in methods if m.partition("+")[0] not in MODEL_METHODS or m.partition("+")[2] not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown} in --benchmark.methods; valid: {list(MODEL_METHODS)}, each "
-                         f"optionally with +checkpointing, +recompute or +micro (e.g. vanilla+checkpointing)")
+                         f"optionally with +checkpointing, +recompute, +micro, +approx or +approx+recompute (e.g. "
+                         f"vanilla+checkpointing, asi+approx)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     args = {k: v for k, v in model_args.items() if k != "method"}
     args.update(pretrained=False, checkpoint=None)
 
     def build(name):
-        method, _, variant = name.partition("+")  # "asi", "vanilla+checkpointing", "asi+recompute", "asi+micro"
+        method, _, variant = name.partition("+")  # "asi", "vanilla+checkpointing", "asi+micro", "asi+approx+recompute"
+        approx = variant.startswith("approx")
         flags = {"checkpointing": variant == "checkpointing" or (not variant and bool(args.get("checkpointing"))),
-                 "recompute": variant == "recompute" or (not variant and bool(args.get("recompute"))),
+                 "recompute": variant.endswith("recompute") or (not variant and bool(args.get("recompute"))),
+                 "approx_activations": approx or bool(args.get("approx_activations")),
+                 "saved_bits": (args.get("saved_bits") or APPROX_BITS) if approx else args.get("saved_bits"),
                  "frozen_micro_batch": (args.get("frozen_micro_batch") or MICRO_BATCH) if variant == "micro"
                  else args.get("frozen_micro_batch")}
         module = ClassificationModel(method=method, **{**args, **flags})

@@ -1,7 +1,7 @@
 """The fine-tuning core every family shares, as small steps the LightningModule calls in order::
 
     check_options -> build -> load_weights -> add_adapters -> choose_layers -> patch_layers -> freeze
-                  -> enable_recompute -> apply_norm_policy -> micro_batch_prefix
+                  -> enable_recompute -> apply_norm_policy -> micro_batch_prefix -> approximate_region
                                                                       (then, in training: configure_optimizers)
 
 Each step reads the module's hyper-parameters (``hp``: the ``--model.*`` options) and the model spec (``spec``:
@@ -29,6 +29,7 @@ from torch import nn
 
 import asi_core
 import asi_core.ranks as ranks_lib
+from asi_core.approx import SAVED_BITS
 from asi_core.methods import NamesView, Option, _is_int
 
 from .registry import ModelSpec, create_model, get_spec
@@ -103,7 +104,8 @@ def user_option_defaults() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- 0. options
 def check_model_options(method: str = "vanilla", num_finetune="all", lr: float = 0.05, momentum: float = 0.0,
                         weight_decay: float = 1e-4, warmup_epochs: int = 0, frozen_micro_batch=None,
-                        lora_rank: int = 8, lora_alpha: float = 16.0, **options) -> list[str]:
+                        lora_rank: int = 8, lora_alpha: float = 16.0, saved_bits=None, approx_activations=False,
+                        **options) -> list[str]:
     """Check the numbers of the model options before anything is built: ValueError naming the option, the value and
     the valid range (the method's own options by its ``user_options``). Returns warnings for method options set away
     from their default that ``method`` ignores."""
@@ -128,6 +130,12 @@ def check_model_options(method: str = "vanilla", num_finetune="all", lr: float =
     if frozen_micro_batch is not None and (not _is_int(frozen_micro_batch) or frozen_micro_batch < 1):
         bad("frozen_micro_batch", frozen_micro_batch, "it must be an integer >= 1 (samples per micro-batch of the "
             "frozen prefix) or null (the whole batch at once)")
+    if saved_bits is not None and (not _is_int(saved_bits) or saved_bits not in SAVED_BITS):
+        bad("saved_bits", saved_bits, f"it must be one of {', '.join(map(str, SAVED_BITS))} (bits per element of "
+            f"what autograd saves in the fine-tuned region, asi_core.approx) or null (kept exactly)")
+    if not isinstance(approx_activations, bool):
+        bad("approx_activations", approx_activations, "it must be true (GELU/SiLU backward from a 2-bit derivative, "
+            "asi_core.approx) or false (exact)")
     info = method_info(method) if method in MODEL_METHODS else None
     for option, value, valid in (info.check_user_options(options) if info else []):
         bad(option, value, valid)
@@ -562,7 +570,26 @@ def micro_batch_prefix(net: nn.Module, hp) -> list[tuple[str, list[str]]]:
     return converted
 
 
-# ----------------------------------------------------------------------------- 10. optimiser recipe
+# ----------------------------------------------------------------------------- 10. approximate region
+def approximate_region(net: nn.Module, hp) -> dict[str, Any]:
+    """``--model.approx_activations`` and ``--model.saved_bits`` (asi_core.approx, opt-in approximations of what
+    exact ASI cannot drop): GELU/SiLU modules keep a 2-bit derivative code, and what autograd saves during the
+    network's forward is kept in ``saved_bits`` bits per element. Returns what was done (profile reports it)."""
+    out: dict[str, Any] = {}
+    if hp.get("approx_activations"):
+        from asi_core import approx
+        out["approximated_activations"] = approx.approximate_activations(net)
+        if not out["approximated_activations"]:
+            rank_zero_warn(f"--model.approx_activations true: {hp.backbone} has no GELU or SiLU module (registered "
+                           f"classes: asi_core.approx.register_activation); every activation stays exact")
+    if hp.get("saved_bits") is not None:
+        from asi_core import approx
+        approx.compress_saved(net, hp.saved_bits)
+        out["saved_bits"] = hp.saved_bits
+    return out
+
+
+# ----------------------------------------------------------------------------- 11. optimiser recipe
 def make_optimizer(params: list, hp) -> torch.optim.Optimizer:
     """The recipe's optimiser over ``params``: SGD (lr, momentum, weight decay) or Adam (lr, betas, weight decay)."""
     if hp.optimizer == "sgd":

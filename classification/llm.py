@@ -223,7 +223,20 @@ def create_llm(backbone: str, num_classes: int, pretrained: bool, name_or_path: 
         hf.config.num_hidden_layers = num_blocks
     net = SequenceClassifier(hf, config.pad_token_id)
     net.fake_mode = fake_mode
+    _register_activations()
     return net
+
+
+def _register_activations() -> None:
+    """transformers' own activation modules (``ACT2FN``), for ``--model.approx_activations`` (asi_core.approx)."""
+    from transformers import activations
+
+    from asi_core import approx
+    for name, table in (("SiLUActivation", lambda m: approx.SILU_2BIT),
+                        ("GELUActivation", lambda m: approx.GELU_2BIT)):
+        cls = getattr(activations, name, None)
+        if cls is not None:  # (older transformers: nn.SiLU itself, known to asi_core.approx already)
+            approx.register_activation(cls, table)
 
 
 def _register(backbone: str) -> None:

@@ -2,8 +2,7 @@
 
 The constructor composes the fine-tuning core (classification/finetune.py), in order: check the options -> build
 the network -> weights -> adapters -> choose layers -> patch -> freeze -> recompute -> norm policy -> micro-batched
-frozen prefix; the task the
-model spec names (classification/tasks.py; segmentation/task.py) brings the loss, the metrics and the monitored
+frozen prefix -> approximations (opt-in); the task the model spec names (classification/tasks.py; segmentation/task.py) brings the loss, the metrics and the monitored
 metric. The optimiser recipe is ``finetune.configure_optimizers``.
 """
 from __future__ import annotations
@@ -67,6 +66,8 @@ class ClassificationModel(pl.LightningModule):
         shape_only: Optional[bool] = None,
         num_blocks: Optional[int] = None,
         frozen_micro_batch: Optional[int] = None,
+        approx_activations: bool = False,
+        saved_bits: Optional[int] = None,
     ):
         """Classifier fine-tuned with activation compression.
 
@@ -152,6 +153,12 @@ class ClassificationModel(pl.LightningModule):
                 transient activations scale with N while the fine-tuned region sees the whole batch
                 (asi_core.microbatch). The same outputs and gradients; lowers the whole-step peak where the frozen
                 forward sets it (few fine-tuned layers: docs/peak_memory.md). None: the whole batch at once.
+            approx_activations: Approximate (opt-in): GELU and SiLU modules keep a 2-bit code of their input and
+                backward multiplies by a piecewise-constant derivative (asi_core.approx; forward unchanged). Their
+                4C-wide inputs, which exact ASI must keep, shrink 16x. Accuracy: docs/approximate.md.
+            saved_bits: Approximate (opt-in): keep what autograd saves inside the network's forward (norm, attention
+                and gating inputs, trainable BatchNorm inputs) in 8, 4 or 2 bits per element, per group of 256
+                (asi_core.approx; ASI's own Tucker form and the parameters stay exact). None: exact.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -174,6 +181,7 @@ class ClassificationModel(pl.LightningModule):
         self.recomputed: list[str] = core.enable_recompute(self.net, self.patched, hp)
         self.bn_affine_trained = core.apply_norm_policy(self.net, hp, self.patched, choice, rule_trainable)
         self.micro_batched = core.micro_batch_prefix(self.net, hp)
+        self.approximated = core.approximate_region(self.net, hp)
         self.train(self.training)
         self.objective = get_task(spec.task)(num_classes)
         self.monitor = self.objective.monitor  # what ModelCheckpoint keeps the best of
@@ -213,6 +221,12 @@ class ClassificationModel(pl.LightningModule):
             rank_zero_info(f"frozen prefix in micro-batches of {self.hparams.frozen_micro_batch}: "
                            + "; ".join(f"{name or 'the network'} runs {', '.join(prefix)}"
                                        for name, prefix in self.micro_batched))
+        if self.approximated:
+            acts = self.approximated.get("approximated_activations")
+            rank_zero_info("approximate backward (asi_core.approx): "
+                           + "; ".join(([f"{len(acts)} GELU/SiLU modules with 2-bit derivatives"] if acts else [])
+                                       + ([f"saved tensors in {self.approximated['saved_bits']} bits"]
+                                          if "saved_bits" in self.approximated else [])))
 
     def on_train_epoch_start(self):
         self.train(self.training)

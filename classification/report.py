@@ -156,6 +156,11 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
     micro = setting("frozen_micro_batch", sources=(model_args, settings))
     if micro is not None:  # the same result, a lower peak (asi_core.microbatch): a row of its own for the memory
         label, variant = f"{label}, frozen prefix in micro-batches of {micro}", (*variant, "micro", str(micro))
+    if setting("approx_activations", sources=(model_args, settings)) is True:  # approximate: rows of their own
+        label, variant = f"{label}, 2-bit activation derivatives", (*variant, "approx_act")
+    bits = setting("saved_bits", sources=(model_args, settings))
+    if bits is not None:
+        label, variant = f"{label}, saved in {bits} bits", (*variant, "saved_bits", str(bits))
 
     res = data.get("resources") if isinstance(data.get("resources"), dict) else {}
     # Sec. 4.1: a data-dependent method's resources (HOSVD's) vary during training; the paper reports the peak

@@ -63,7 +63,9 @@ class ActivationMeter:
         if not self.layers:
             raise ValueError("ActivationMeter: the model has no fine-tuned layers; call asi_core.patch(model, ...) "
                              "first (the meter counts from the first patched layer on)")
+        self.net = net
         self._meter = SavedTensorMeter(exclude=[net, *exclude])
+        self._first_record = self._bytes_before = 0
         self._handles: list = []
         self._marks: dict[str, int] = {}
         self.running = False   # saved-tensor hooks active
@@ -73,15 +75,27 @@ class ActivationMeter:
 
     # -------------------------------------------------------------- hooks
     def start(self) -> "ActivationMeter":
+        # The saved-tensor hooks are entered when the network's forward starts (first among its pre-hooks), so that
+        # hooks entered inside it and left before it returns (asi_core.approx's compressor, checkpointing) nest
+        # inside the meter, as the hooks' stack needs; counting starts at the first patched layer.
+        self._handles.append(self.net.register_forward_pre_hook(self._enter, prepend=True))
         for name, layer in self.layers:
             self._handles.append(layer.register_forward_pre_hook(partial(self._pre, name)))
             self._handles.append(layer.register_forward_hook(partial(self._post, name)))
         return self
 
+    def _enter(self, module: nn.Module, args) -> None:
+        if not self.running and not self.started:
+            self._meter.__enter__()
+            self.running = True
+
     def _pre(self, name: str, module: nn.Module, args) -> None:
         if not self.started:
-            self._meter.__enter__()
-            self.running = self.started = True
+            if not self.running:  # the patched layer ran without the network's forward (called directly)
+                self._meter.__enter__()
+                self.running = True
+            self.started = True
+            self._first_record, self._bytes_before = len(self._meter.records), self._meter.bytes
         if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():  # (not inside a checkpointed
             self.input_requires_grad[name] = bool(args[0].requires_grad)           # forward, which runs no graph)
         if self.running:
@@ -113,14 +127,14 @@ class ActivationMeter:
     @property
     def bytes(self) -> Optional[int]:
         """Bytes saved for backward from the first fine-tuned layer on; None if no patched layer ran."""
-        return self._meter.bytes if self.started else None
+        return self._meter.bytes - self._bytes_before if self.started else None
 
     @property
     def mask_bytes(self) -> Optional[int]:
         """Of :attr:`bytes`, those in uint8/bool tensors (lean bit masks, dropout masks)."""
         if not self.started:
             return None
-        return sum(r["nbytes"] for r in self._meter.records if r["dtype"] in MASK_DTYPES)
+        return sum(r["nbytes"] for r in self._meter.records[self._first_record:] if r["dtype"] in MASK_DTYPES)
 
     def summary(self) -> dict:
         """``measured_activation_mib`` (None if no patched layer ran), ``measured_mask_mib`` and
@@ -255,6 +269,11 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     if hp.get("frozen_micro_batch") is not None:  # asi_core.microbatch: what ran in micro-batches of that size
         out["frozen_micro_batch"] = hp.frozen_micro_batch
         out["micro_batched"] = {name: prefix for name, prefix in getattr(model, "micro_batched", [])}
+    if hp.get("approx_activations"):  # asi_core.approx: the approximations of what exact ASI keeps
+        out["approx_activations"] = True
+        out["approximated_activations"] = len(getattr(model, "approximated", {}).get("approximated_activations", []))
+    if hp.get("saved_bits") is not None:
+        out["saved_bits"] = hp.saved_bits
     if text:
         out.update(lora=bool(hp.get("lora")) or hp.method == LoRA.name, shape_only=fake_mode is not None)
     keys = ("activation_mib", "measured_activation_mib", "measured_layers_mib", "measured_mask_mib",

@@ -39,8 +39,10 @@ class BenchmarkOptions:
 
     Args:
         methods: Comma-separated (or a list) subset of vanilla,gradfilter,hosvd,asi; each may carry
-            +checkpointing, +recompute or +micro (the frozen prefix in micro-batches of --model.frozen_micro_batch,
-            default 8) (e.g. vanilla,vanilla+checkpointing,asi,asi+micro) to time that variant beside it.
+            +checkpointing, +recompute, +micro (the frozen prefix in micro-batches of --model.frozen_micro_batch,
+            default 8), +approx (2-bit activation derivatives and saved tensors in --model.saved_bits bits, default
+            8: asi_core.approx) or +approx+recompute (e.g. vanilla,vanilla+checkpointing,asi,asi+micro,asi+approx)
+            to time that variant beside it.
         steps: Timed steps per method (medians are reported).
         warmup: Untimed steps per method first.
         per_layer: Also time each fine-tuned layer's weight-gradient computation alone.

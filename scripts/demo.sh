@@ -63,7 +63,8 @@ variant_args() {  # the authors' setting a variant undoes (the recipe's value ->
         standard_aug) v=(--data.augment standard) ;;
         our_warmup) v=(--model.warmup_start_factor null) ;;
         step_schedule) v=(--model.scheduler_interval step) ;;
-        *) die "unknown DEMO_VARIANTS entry '$1' (recipe frozen_bn standard_aug our_warmup step_schedule)" ;;
+        saved8|saved4|saved2) v=(--model.saved_bits "${1#saved}") ;;  # approximate (asi_core.approx, issue 21)
+        *) die "unknown DEMO_VARIANTS entry '$1' (recipe frozen_bn standard_aug our_warmup step_schedule saved8 saved4 saved2)" ;;
     esac
 }
 for seed in ${SEEDS:-0}; do

@@ -10,6 +10,8 @@
 #   DEMO_PRETRAIN_EPOCHS=30 DEMO_EPOCHS=15 RANK=16 DEMO_THREADS=1 override the defaults.
 #   SEEDS="0 1 2" repeats step 2 per fine-tuning seed (runs <name>_s<seed>; seed 0 keeps the plain names) and prints
 #   the mean and spread over seeds (scripts/seeds_table.py).
+#   APPROX="8 4" fine-tunes, instead of the four runs of step 2, ASI with the approximate options (asi_core.approx:
+#   2-bit SiLU derivatives, saved tensors in 8 / 4 bits; runs l3_r<RANK>_approx<bits>): scripts/approx_accuracy.sh.
 #
 # Expected runtime: about 3-5 minutes on a shared 2-core CPU. Finished runs are skipped (resumable).
 RUN_ROOT="${1:-${RUN_ROOT:-runs/llm_demo}}"
@@ -39,10 +41,16 @@ finetune() {  # EXP METHOD ARGS...
 }
 for seed in ${SEEDS:-0}; do
     s=""; [[ "$seed" != 0 ]] && s="_s$seed"
-    finetune "l3$s" vanilla --seed_everything "$seed"
-    finetune "l3_r$RANK$s" asi --model.ranks "$RANK" --seed_everything "$seed"
-    finetune "l3$s" lora --seed_everything "$seed"
-    finetune "l3_r${RANK}_lora$s" asi --model.ranks "$RANK" --model.lora true --seed_everything "$seed"
+    if [[ -z "${APPROX:-}" ]]; then
+        finetune "l3$s" vanilla --seed_everything "$seed"
+        finetune "l3_r$RANK$s" asi --model.ranks "$RANK" --seed_everything "$seed"
+        finetune "l3$s" lora --seed_everything "$seed"
+        finetune "l3_r${RANK}_lora$s" asi --model.ranks "$RANK" --model.lora true --seed_everything "$seed"
+    fi
+    for bits in ${APPROX:-}; do  # approximate (asi_core.approx, issue 21): 2-bit SiLU derivatives + saved in BITS
+        finetune "l3_r${RANK}_approx$bits$s" asi --model.ranks "$RANK" --model.approx_activations true \
+            --model.saved_bits "$bits" --seed_everything "$seed"
+    done
 done
 
 if [[ "$DRY_RUN" == 1 ]]; then

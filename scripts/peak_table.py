@@ -17,6 +17,7 @@ from pathlib import Path
 
 SETTINGS = {"mcunet": "MCUNet, 2 layers, frozen BN, batch 64, 224",
             "mcunet_bn": "MCUNet, 2 layers, the authors' trainable BN affine, batch 64, 224",
+            "mcunet_bn4": "MCUNet, 4 layers, the authors' trainable BN affine, batch 64, 224",
             "mcunet_all": "MCUNet, all 42 layers, frozen BN, batch 64, 224",
             "resnet18": "ResNet-18, 2 layers, frozen BN, batch 64, 224",
             "resnet18_bn": "ResNet-18, 2 layers, the authors' trainable BN affine, batch 64, 224",
@@ -28,7 +29,11 @@ SETTINGS = {"mcunet": "MCUNet, 2 layers, frozen BN, batch 64, 224",
             "pspnet_r18": "PSPNet-R18, the authors' 5L, batch 8, 512"}
 VARIANTS = {"vanilla": "vanilla", "vanilla_ckpt": "vanilla + checkpointing", "asi": "asi",
             "asi_recompute": "asi + recompute", "asi_ckpt": "asi + checkpointing",
-            "vanilla_micro": "vanilla, frozen prefix in micro-batches", "asi_micro": "asi, frozen prefix in micro-batches"}
+            "vanilla_micro": "vanilla, frozen prefix in micro-batches", "asi_micro": "asi, frozen prefix in micro-batches",
+            "asi_approx": "asi, approximate: 2-bit activation derivatives, saved in 8 bits",
+            "asi_approx4": "asi, approximate: 2-bit activation derivatives, saved in 4 bits",
+            "asi_approx_recompute": "asi + recompute, approximate (2-bit derivatives, saved in 8 bits)",
+            "asi_approx_micro": "asi, approximate (8 bits), frozen prefix in micro-batches"}
 PARTS = ("saved", "transient", "parameters", "gradients", "optimizer_state", "batch", "workspace")
 
 

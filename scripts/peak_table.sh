@@ -10,10 +10,11 @@
 # Output: $RUN_ROOT/peak/<setting>/<variant>.json, the JSON line profile prints last (all its output: .json.log).
 #
 #   bash scripts/peak_table.sh [DATA_ROOT [RUN_ROOT]]      DRY_RUN=1 prints the commands; see scripts/common.sh
-#   SETTINGS="mcunet mcunet_bn mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama
+#   SETTINGS="mcunet mcunet_bn mcunet_bn4 mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama
 #             pspnet_r18"
 #   VARIANTS="vanilla vanilla_ckpt asi asi_recompute asi_ckpt"   (+ vanilla_micro asi_micro where MICRO_SETTINGS
-#   names the setting: mcunet mcunet_bn resnet18 resnet18_bn swin_t vit_b_32 pspnet_r18)
+#   names the setting: mcunet mcunet_bn resnet18 resnet18_bn swin_t vit_b_32 pspnet_r18; + asi_approx asi_approx4
+#   asi_approx_recompute where APPROX_SETTINGS names it, + asi_approx_micro where both do: docs/approximate.md)
 #
 # Expected runtime on a shared 2-core CPU: about 45 minutes (the real-width TinyLlama blocks at 8 x 512 tokens and
 # ResNet-18 / Swin-T at batch 64 dominate); tinyllama (128 x 512) runs shape-only. DATA_ROOT is accepted and unused.
@@ -24,6 +25,8 @@ setting_args() {
         mcunet) args=(--config configs/models/mcunet.yaml --model.num_finetune 2 --data.batch_size 64 --data.resolution 224) ;;
         mcunet_bn) args=(--config configs/models/mcunet.yaml --model.num_finetune 2 --data.batch_size 64 --data.resolution 224
                          --model.train_bn_affine true) ;;
+        mcunet_bn4) args=(--config configs/models/mcunet.yaml --model.num_finetune 4 --data.batch_size 64 --data.resolution 224
+                          --model.train_bn_affine true) ;;
         mcunet_all) args=(--config configs/models/mcunet.yaml --model.num_finetune all --data.batch_size 64 --data.resolution 224) ;;
         resnet18) args=(--config configs/models/resnet18.yaml --model.num_finetune 2 --data.batch_size 64 --data.resolution 224) ;;
         resnet18_all) args=(--config configs/models/resnet18.yaml --model.num_finetune all --data.batch_size 64 --data.resolution 224) ;;
@@ -39,17 +42,21 @@ setting_args() {
         pspnet_r18) args=(--config configs/recipes/segmentation.yaml --config configs/segmentation/pspnet_r18.yaml
                           --config configs/data/digit_scenes.yaml --model.num_finetune 5 --data.batch_size 8
                           --data.resolution 512) ;;
-        *) die "unknown setting '$1' (mcunet mcunet_bn mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18)" ;;
+        *) die "unknown setting '$1' (mcunet mcunet_bn mcunet_bn4 mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18)" ;;
     esac
 }
 
 MICRO_SETTINGS="${MICRO_SETTINGS:-mcunet mcunet_bn resnet18 resnet18_bn swin_t vit_b_32 pspnet_r18}"
-for setting in ${SETTINGS:-mcunet mcunet_bn mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18}; do
+APPROX_SETTINGS="${APPROX_SETTINGS:-mcunet_bn4 swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18}"
+for setting in ${SETTINGS:-mcunet mcunet_bn mcunet_bn4 mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18}; do
     setting_args "$setting"
     ranks=2; [[ "$setting" == tinyllama* ]] && ranks=20
     micro=8; [[ "$setting" == pspnet* ]] && micro=2
     variants="${VARIANTS:-vanilla vanilla_ckpt asi asi_recompute asi_ckpt}"
     [[ -z "${VARIANTS:-}" && " $MICRO_SETTINGS " == *" $setting "* ]] && variants+=" vanilla_micro asi_micro"
+    [[ -z "${VARIANTS:-}" && " $APPROX_SETTINGS " == *" $setting "* ]] && variants+=" asi_approx asi_approx4 asi_approx_recompute"
+    [[ -z "${VARIANTS:-}" && " $APPROX_SETTINGS " == *" $setting "* && " $MICRO_SETTINGS " == *" $setting "* ]] \
+        && variants+=" asi_approx_micro"
     for variant in $variants; do
         case "$variant" in
             vanilla) v=(--model.method vanilla) ;;
@@ -59,7 +66,16 @@ for setting in ${SETTINGS:-mcunet mcunet_bn mcunet_all resnet18 resnet18_bn resn
             asi_ckpt) v=(--model.method asi --model.ranks "$ranks" --model.checkpointing true) ;;
             vanilla_micro) v=(--model.method vanilla --model.frozen_micro_batch "$micro") ;;
             asi_micro) v=(--model.method asi --model.ranks "$ranks" --model.frozen_micro_batch "$micro") ;;
-            *) die "unknown variant '$variant' (vanilla vanilla_ckpt asi asi_recompute asi_ckpt vanilla_micro asi_micro)" ;;
+            # approximate (asi_core.approx, issue 21): 2-bit GELU/SiLU derivatives and saved tensors in 8 / 4 bits
+            asi_approx) v=(--model.method asi --model.ranks "$ranks" --model.approx_activations true
+                           --model.saved_bits 8) ;;
+            asi_approx4) v=(--model.method asi --model.ranks "$ranks" --model.approx_activations true
+                            --model.saved_bits 4) ;;
+            asi_approx_recompute) v=(--model.method asi --model.ranks "$ranks" --model.approx_activations true
+                                     --model.saved_bits 8 --model.recompute true) ;;
+            asi_approx_micro) v=(--model.method asi --model.ranks "$ranks" --model.approx_activations true
+                                 --model.saved_bits 8 --model.frozen_micro_batch "$micro") ;;
+            *) die "unknown variant '$variant' (vanilla vanilla_ckpt asi asi_recompute asi_ckpt vanilla_micro asi_micro asi_approx asi_approx4 asi_approx_recompute asi_approx_micro)" ;;
         esac
         out="$RUN_ROOT/peak/$setting/$variant.json"
         run_once "$out" --last-line "$out" -- \

@@ -171,8 +171,11 @@ def test_the_peak_table_script_prints_every_setting_and_the_committed_table():
                          capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr[-1000:]
     commands = [line for line in dry.stdout.splitlines() if "main.py profile" in line]
-    assert len(commands) == 11 * 5 + 7 * 2 and all("--model.method" in c for c in commands)
-    assert sum("--model.frozen_micro_batch" in c for c in commands) == 7 * 2
+    # 12 settings x 5 variants, 7 with the frozen prefix in micro-batches (x 2), 6 with the approximations (x 3: issue
+    # 21), 3 with both (asi_approx_micro)
+    assert len(commands) == 12 * 5 + 7 * 2 + 6 * 3 + 3 and all("--model.method" in c for c in commands)
+    assert sum("--model.frozen_micro_batch" in c for c in commands) == 7 * 2 + 3
+    assert sum("--model.saved_bits" in c for c in commands) == 6 * 3 + 3
     table = subprocess.run([sys.executable, "scripts/peak_table.py", "docs/benchmarks/peak"], cwd=repo,
                            capture_output=True, text=True, timeout=60).stdout
     rows = [line for line in table.splitlines() if line.startswith("| ") and "variant" not in line]

@@ -185,3 +185,25 @@ def test_a_run_with_the_frozen_prefix_in_micro_batches_is_a_row_of_its_own(tmp_p
     assert labels == ["ASI", "ASI, frozen prefix in micro-batches of 8"] and all(r["runs"] == 1 for r in rows)
     micro = next(r for r in rows if "micro" in r["label"])
     assert micro["mem_mib"] == pytest.approx(76.7)
+
+
+def test_runs_with_the_approximations_are_rows_of_their_own(tmp_path):
+    """--model.approx_activations / --model.saved_bits change the result (approximate gradients): each setting is a
+    row of its own, named, and --mem saved shows what autograd kept with it."""
+    src = FIXTURES / "setupB" / "mcunet" / "imagenet" / "asi" / "l2_budget_hosvd0.8"
+    root = tmp_path / "runs" / "setupB" / "mcunet" / "imagenet" / "asi"
+    shutil.copytree(src, root / "l2_budget_hosvd0.8")
+    for name, extra, saved in (("l2_act", {"approx_activations": True}, 0.5),
+                               ("l2_s4", {"saved_bits": 4}, 0.25),
+                               ("l2_act_s8", {"approx_activations": True, "saved_bits": 8}, 0.2)):
+        data = json.loads((src / "metrics.json").read_text())
+        data["settings"]["model_args"].update(extra)
+        data["resources"] = {**data.get("resources", {}), "measured_activation_mib": saved}
+        (root / name).mkdir()
+        (root / name / "metrics.json").write_text(json.dumps(data))
+    rows = collect(tmp_path / "runs", mem="saved", warn=lambda msg: None)
+    labels = sorted(r["label"] for r in rows)
+    assert labels == ["ASI", "ASI, 2-bit activation derivatives", "ASI, 2-bit activation derivatives, saved in 8 bits",
+                      "ASI, saved in 4 bits"]
+    assert all(r["runs"] == 1 for r in rows)
+    assert next(r for r in rows if r["label"] == "ASI, saved in 4 bits")["mem_mib"] == pytest.approx(0.25)
