@@ -109,23 +109,47 @@ SILU_2BIT = DerivativeTable("silu", (-0.73883504, 0.0, 0.73883504), (0.0, 0.3232
 RELU_1BIT = DerivativeTable("relu", (0.0,), (0.0, 1.0))  # exactly ReLU's backward (zero gradient at x <= 0)
 
 
+CHUNK = 1 << 22  # elements per chunk of the code and quantisation loops: their temporaries stay a few MiB
+
+
+def _interval_codes(x: torch.Tensor, thresholds: tuple[float, ...]) -> torch.Tensor:
+    """uint8 index of the interval of each element (the number of thresholds below it), from bool comparisons: one
+    byte per element of temporaries (``torch.bucketize`` would make int64 ones, twice a float32 input's size)."""
+    codes = (x > thresholds[0]).to(torch.uint8)
+    for t in thresholds[1:]:
+        codes += x > t
+    return codes
+
+
 class _StepDerivative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn: Callable, table: DerivativeTable):
         y = fn(x)
-        bounds = torch.tensor(table.thresholds, dtype=x.dtype, device=x.device)
-        codes = torch.bucketize(x.detach(), bounds).to(torch.uint8).reshape(-1)
+        flat = x.detach().reshape(-1)
         per = 8 // table.bits
-        ctx.table, ctx.shape, ctx.numel = table, x.shape, x.numel()
-        ctx.save_for_backward(pack_codes(_padded(codes, per), table.bits))
+        n = flat.numel()
+        packed = flat.new_empty(((n + per - 1) // per,), dtype=torch.uint8)
+        step = CHUNK - CHUNK % per
+        for start in range(0, n, step):
+            codes = _interval_codes(flat[start:start + step], table.thresholds)
+            packed[start // per:(start + codes.numel() + per - 1) // per] = pack_codes(_padded(codes, per), table.bits)
+        ctx.table, ctx.shape, ctx.numel = table, x.shape, n
+        ctx.save_for_backward(packed)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
-        codes = unpack_codes(packed, ctx.table.bits)[:ctx.numel].long().view(ctx.shape)
-        levels = torch.tensor(ctx.table.levels, dtype=grad.dtype, device=grad.device)
-        return grad * levels[codes], None, None
+        table, per = ctx.table, 8 // ctx.table.bits
+        levels = torch.tensor(table.levels, dtype=grad.dtype, device=grad.device)
+        flat = grad.contiguous().view(-1)
+        out = torch.empty_like(flat)
+        step = CHUNK - CHUNK % per
+        for start in range(0, ctx.numel, step):
+            g = flat[start:start + step]
+            codes = unpack_codes(packed[start // per:(start + g.numel() + per - 1) // per], table.bits)[:g.numel()]
+            torch.mul(g, levels[codes.int()], out=out[start:start + g.numel()])
+        return out.view(ctx.shape), None, None
 
 
 def step_derivative(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], table: DerivativeTable):
@@ -199,19 +223,29 @@ class Quantized:
 
 
 def quantize(t: torch.Tensor, bits: int = 8, group: int = 256) -> Quantized:
-    """``t`` as ``bits``-bit codes (``bits`` in 8, 4, 2), round to nearest within each group's [min, max]."""
+    """``t`` as ``bits``-bit codes (``bits`` in 8, 4, 2), round to nearest within each group's [min, max]. Worked
+    through in chunks of groups, so that its temporaries stay a few MiB whatever the tensor's size."""
     if bits not in SAVED_BITS:
         raise ValueError(f"quantize: bits must be one of {SAVED_BITS}, got {bits!r}")
     if group < 1 or group % (8 // bits):
         raise ValueError(f"quantize: group must be a positive multiple of {8 // bits} for {bits} bits, got {group}")
     q = Quantized()
     q.bits, q.group, q.shape, q.dtype, q.outer, q.source = bits, group, t.shape, t.dtype, None, None
-    g = _padded(t.detach().reshape(-1).float(), group).view(-1, group)
-    lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
-    levels = (1 << bits) - 1
-    step = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
-    codes = ((g - lo) / step).round_().clamp_(0, levels).to(torch.uint8).reshape(-1)
-    q.codes, q.lo, q.hi = pack_codes(codes, bits), lo, hi
+    flat = t.detach().reshape(-1)
+    n, levels, per = flat.numel(), (1 << bits) - 1, 8 // bits
+    n_groups = max(1, -(-n // group))
+    q.codes = flat.new_empty((n_groups * group // per,), dtype=torch.uint8)
+    q.lo = flat.new_empty((n_groups, 1), dtype=torch.float32)
+    q.hi = flat.new_empty((n_groups, 1), dtype=torch.float32)
+    chunk = max(1, CHUNK // group)  # groups per chunk
+    for g0 in range(0, n_groups, chunk):
+        g1 = min(n_groups, g0 + chunk)
+        part = _padded(flat[g0 * group:g1 * group].float(), group).view(-1, group)
+        lo, hi = part.amin(1, keepdim=True), part.amax(1, keepdim=True)
+        step = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
+        codes = part.sub(lo).div_(step).round_().clamp_(0, levels).to(torch.uint8).view(-1)
+        q.codes[g0 * group // per:g1 * group // per] = pack_codes(codes, bits)
+        q.lo[g0:g1], q.hi[g0:g1] = lo, hi
     return q
 
 
@@ -219,12 +253,20 @@ def dequantize(q: Quantized, codes=None, lo=None, hi=None) -> torch.Tensor:
     """The tensor ``q`` stands for (``q.shape``, ``q.dtype``), each element within half a step of the original and
     each group's extremes exact. ``codes``, ``lo``, ``hi`` replace ``q``'s own (the compressor's unpacked ones)."""
     codes, lo, hi = (q.codes if codes is None else codes), (q.lo if lo is None else lo), (q.hi if hi is None else hi)
-    levels = (1 << q.bits) - 1
-    c = unpack_codes(codes, q.bits).view(-1, q.group).float()
-    step = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
-    values = torch.where(c == levels, hi, lo + c * step)  # lo + levels * step can miss hi by rounding (|lo| ~ 1e38)
-    numel = math.prod(q.shape)
-    return values.reshape(-1)[:numel].view(q.shape).to(q.dtype)
+    levels, per, group = (1 << q.bits) - 1, 8 // q.bits, q.group
+    n = math.prod(q.shape)
+    out = lo.new_empty((n,), dtype=q.dtype)
+    chunk = max(1, CHUNK // group)
+    for g0 in range(0, lo.shape[0], chunk):
+        g1 = min(lo.shape[0], g0 + chunk)
+        c = unpack_codes(codes[g0 * group // per:g1 * group // per], q.bits).view(-1, group).float()
+        l, h = lo[g0:g1], hi[g0:g1]
+        step = torch.where(h > l, (h - l) / levels, torch.ones_like(h))
+        # lo + levels * step can miss hi by rounding (|lo| ~ 1e38): the top code is hi itself
+        values = torch.where(c == levels, h, c.mul_(step).add_(l)).view(-1)
+        end = min(n, g1 * group)
+        out[g0 * group:end] = values[:end - g0 * group]
+    return out.view(q.shape)
 
 
 _EXACT: dict[int, weakref.ref] = {}  # id -> weak reference of each marked tensor alive (tensors compare elementwise)

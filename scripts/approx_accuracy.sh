@@ -11,7 +11,8 @@
 #   bash scripts/approx_accuracy.sh            SEEDS="0 1 2" (default); DRY_RUN=1 prints the commands
 #   PARTS="mcunet llm swin" chooses the parts. Finished runs are skipped (resumable).
 #
-# Expected runtime on a shared 2-core CPU: about 60-80 minutes for all three parts and 3 seeds.
+# Expected runtime on a 2-core CPU: about 25 minutes for all three parts and 3 seeds (the exact runs of the demos
+# already made are skipped).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh" data "${RUN_ROOT:-runs/approx}"
 export SEEDS="${SEEDS:-0 1 2}"
 PARTS="${PARTS:-mcunet llm swin}"

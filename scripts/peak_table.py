@@ -32,6 +32,7 @@ VARIANTS = {"vanilla": "vanilla", "vanilla_ckpt": "vanilla + checkpointing", "as
             "vanilla_micro": "vanilla, frozen prefix in micro-batches", "asi_micro": "asi, frozen prefix in micro-batches",
             "asi_approx": "asi, approximate: 2-bit activation derivatives, saved in 8 bits",
             "asi_approx4": "asi, approximate: 2-bit activation derivatives, saved in 4 bits",
+            "asi_approx2": "asi, approximate: 2-bit activation derivatives, saved in 2 bits",
             "asi_approx_recompute": "asi + recompute, approximate (2-bit derivatives, saved in 8 bits)",
             "asi_approx_micro": "asi, approximate (8 bits), frozen prefix in micro-batches"}
 PARTS = ("saved", "transient", "parameters", "gradients", "optimizer_state", "batch", "workspace")

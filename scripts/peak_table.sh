@@ -14,7 +14,8 @@
 #             pspnet_r18"
 #   VARIANTS="vanilla vanilla_ckpt asi asi_recompute asi_ckpt"   (+ vanilla_micro asi_micro where MICRO_SETTINGS
 #   names the setting: mcunet mcunet_bn resnet18 resnet18_bn swin_t vit_b_32 pspnet_r18; + asi_approx asi_approx4
-#   asi_approx_recompute where APPROX_SETTINGS names it, + asi_approx_micro where both do: docs/approximate.md)
+#   asi_approx_recompute where APPROX_SETTINGS names it, + asi_approx_micro where both do, + asi_approx2 where
+#   APPROX2_SETTINGS does: docs/approximate.md)
 #
 # Expected runtime on a shared 2-core CPU: about 45 minutes (the real-width TinyLlama blocks at 8 x 512 tokens and
 # ResNet-18 / Swin-T at batch 64 dominate); tinyllama (128 x 512) runs shape-only. DATA_ROOT is accepted and unused.
@@ -48,6 +49,7 @@ setting_args() {
 
 MICRO_SETTINGS="${MICRO_SETTINGS:-mcunet mcunet_bn resnet18 resnet18_bn swin_t vit_b_32 pspnet_r18}"
 APPROX_SETTINGS="${APPROX_SETTINGS:-mcunet_bn4 swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18}"
+APPROX2_SETTINGS="${APPROX2_SETTINGS:-mcunet_bn4}"  # saved tensors in 2 bits (accuracy measured on MCUNet only)
 for setting in ${SETTINGS:-mcunet mcunet_bn mcunet_bn4 mcunet_all resnet18 resnet18_bn resnet18_all swin_t vit_b_32 tinyllama_blocks tinyllama pspnet_r18}; do
     setting_args "$setting"
     ranks=2; [[ "$setting" == tinyllama* ]] && ranks=20
@@ -57,6 +59,7 @@ for setting in ${SETTINGS:-mcunet mcunet_bn mcunet_bn4 mcunet_all resnet18 resne
     [[ -z "${VARIANTS:-}" && " $APPROX_SETTINGS " == *" $setting "* ]] && variants+=" asi_approx asi_approx4 asi_approx_recompute"
     [[ -z "${VARIANTS:-}" && " $APPROX_SETTINGS " == *" $setting "* && " $MICRO_SETTINGS " == *" $setting "* ]] \
         && variants+=" asi_approx_micro"
+    [[ -z "${VARIANTS:-}" && " $APPROX2_SETTINGS " == *" $setting "* ]] && variants+=" asi_approx2"
     for variant in $variants; do
         case "$variant" in
             vanilla) v=(--model.method vanilla) ;;
@@ -71,11 +74,13 @@ for setting in ${SETTINGS:-mcunet mcunet_bn mcunet_bn4 mcunet_all resnet18 resne
                            --model.saved_bits 8) ;;
             asi_approx4) v=(--model.method asi --model.ranks "$ranks" --model.approx_activations true
                             --model.saved_bits 4) ;;
+            asi_approx2) v=(--model.method asi --model.ranks "$ranks" --model.approx_activations true
+                            --model.saved_bits 2) ;;
             asi_approx_recompute) v=(--model.method asi --model.ranks "$ranks" --model.approx_activations true
                                      --model.saved_bits 8 --model.recompute true) ;;
             asi_approx_micro) v=(--model.method asi --model.ranks "$ranks" --model.approx_activations true
                                  --model.saved_bits 8 --model.frozen_micro_batch "$micro") ;;
-            *) die "unknown variant '$variant' (vanilla vanilla_ckpt asi asi_recompute asi_ckpt vanilla_micro asi_micro asi_approx asi_approx4 asi_approx_recompute asi_approx_micro)" ;;
+            *) die "unknown variant '$variant' (vanilla vanilla_ckpt asi asi_recompute asi_ckpt vanilla_micro asi_micro asi_approx asi_approx4 asi_approx2 asi_approx_recompute asi_approx_micro)" ;;
         esac
         out="$RUN_ROOT/peak/$setting/$variant.json"
         run_once "$out" --last-line "$out" -- \

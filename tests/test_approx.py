@@ -347,3 +347,20 @@ def test_report_rows_and_benchmark_variants_name_the_approximations():
     assert set(out["methods"]) == {"asi", "asi+approx", "asi+approx+recompute"}
     with pytest.raises(ValueError, match=r"\+approx"):
         benchmark_models({"backbone": "mcunet"}, ["asi+approximately"], 4, 32, steps=1, warmup=0, progress=False)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_chunked_work_gives_the_same_codes_values_and_gradients(bits, monkeypatch):
+    """quantize, dequantize and the 2-bit derivative work in chunks (bounded temporaries): the chunk size changes
+    nothing, tails included."""
+    x = torch.randn(1000, 37) * 3
+    whole = approx.quantize(x, bits, 32)
+    w = torch.randn(999, requires_grad=True)
+    g = torch.randn(999)
+    (whole_grad,) = torch.autograd.grad(approx.step_derivative(w, torch.nn.functional.gelu, approx.GELU_2BIT), w, g)
+    monkeypatch.setattr(approx, "CHUNK", 96)  # 3 groups of 32, 24 bytes of 2-bit codes: many chunks and a tail
+    part = approx.quantize(x, bits, 32)
+    assert torch.equal(part.codes, whole.codes) and torch.equal(part.lo, whole.lo) and torch.equal(part.hi, whole.hi)
+    assert torch.equal(approx.dequantize(part), approx.dequantize(whole))
+    (part_grad,) = torch.autograd.grad(approx.step_derivative(w, torch.nn.functional.gelu, approx.GELU_2BIT), w, g)
+    assert torch.equal(part_grad, whole_grad)

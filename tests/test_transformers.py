@@ -204,7 +204,7 @@ def test_report_keeps_checkpointing_runs_beside_the_method(tmp_path):
 def test_benchmark_variants_are_checked():
     from classification.benchmark import benchmark_models
 
-    with pytest.raises(ValueError, match=r"\+checkpointing, \+recompute or \+micro"):
+    with pytest.raises(ValueError, match=r"\+checkpointing, \+recompute, \+micro, \+approx or \+approx\+recompute"):
         benchmark_models({"backbone": "swin_tiny_test"}, ["vanilla+offload"], 2, 32, progress=False)
 
 
