@@ -31,11 +31,13 @@ import json
 import math
 import re
 import sys
-from collections import defaultdict
+import statistics
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, List, Literal, Optional, Sequence, Union
 
 from .finetune import LoRA, naming_options
+from .rundir import run_settings
 
 __all__ = ["collect", "format_table", "pareto_plots", "report", "CSV_COLUMNS"]
 
@@ -48,7 +50,7 @@ CSV_COLUMNS = ("method", "num_finetune", "accuracy", "activation_mib", "gflops",
                "setup", "model", "dataset", "label", "final_accuracy", "best_accuracy", "accuracy_source",
                "gflops_source", "mem_peak", "gflops_peak", "measured_activation_mib", "train_gflops", "paper_gflops", "forward_gflops",
                "backward_gflops", "overhead_gflops", "runs", "run_dir", "status", "task", "macc", "peak_step_mib",
-               "training_overhead_mib", "mem_mib", "mem_source")
+               "training_overhead_mib", "mem_mib", "mem_source", "seed", "seeds", "accuracy_sd", "per_seed")
 MISSING = "–"
 # Which memory the Mem column shows (--mem): the paper's count, what autograd keeps, or the whole-step peak
 MEMORY = {"paper": ("activation_mib", "Mem: the paper's count, the fine-tuned layers' inputs as each method stores them "
@@ -124,10 +126,25 @@ def _label(method: str, args: dict) -> tuple[str, tuple]:
     return info.report_label(args) if info is not None else (method, ())
 
 
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _configuration(model_args: dict, data_args: dict, stored: dict, settings: dict) -> dict:
+    """What defines a run's result except its seed, the same for runs written before and after ``run_settings``
+    existed: the named model and data options (rundir.run_settings' rules) and the epochs."""
+    named = run_settings(model_args, data_args, None)
+    trainer = _dict(stored.get("trainer"))
+    return {"model": named["model"], "data": named["data"],
+            "max_epochs": trainer.get("max_epochs", settings.get("max_epochs")),
+            "max_steps": trainer.get("max_steps", -1) if trainer.get("max_steps") is not None else -1}
+
+
 def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
-    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
-    model_args = settings.get("model_args") if isinstance(settings.get("model_args"), dict) else {}
-    data_args = settings.get("data_args") if isinstance(settings.get("data_args"), dict) else {}
+    settings = _dict(data.get("settings"))
+    stored = _dict(data.get("run_settings"))  # written when the fit starts; "settings" only when it ends
+    model_args = _dict(settings.get("model_args")) or _dict(stored.get("model"))
+    data_args = _dict(settings.get("data_args")) or _dict(stored.get("data"))
     layout = _from_layout(path)
 
     def setting(*keys, sources=(settings, model_args, data_args, layout)):
@@ -200,9 +217,12 @@ def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
         "forward_gflops": _num(res.get("forward_gflops")), "backward_gflops": _num(res.get("backward_gflops")),
         "overhead_gflops": _num(res.get("overhead_gflops")),
         "run_dir": str(path.parent),
+        "seed": stored.get("seed", settings.get("seed")),
+        "_config": json.dumps(_configuration(model_args, data_args, stored, settings), sort_keys=True, default=str),
         # "finished", "diverged" (a non-finite loss: its accuracy is not a result), "running"/"interrupted"; old files
         # without the key: "finished" when fit ended
         "status": str(data.get("status") or ("finished" if "epochs_completed" in data else "unfinished")),
+        "_status_recorded": bool(data.get("status")),  # files older than the status key: nothing to say in md
         # which of several runs of one configuration to show: a finished fit first, then the newest file
         "_recency": ("epochs_completed" in data or final is not None or best is not None, path.stat().st_mtime),
     }
@@ -262,7 +282,8 @@ def collect(run_dirs: Union[PathLike, Sequence[PathLike]], accuracy: Literal["fi
         row["accuracy"] = row[source] if source and row["status"] != "diverged" else None
         row["accuracy_source"] = {"final_accuracy": "val_acc", "best_accuracy": "best_val_acc"}.get(source)
         row["mem_mib"], row["mem_source"] = row[MEMORY[mem][0]], mem
-        key = (row["setup"], row["model"], row["dataset"], row["method"], row["label"], str(row["num_finetune"]))
+        # one configuration and seed: several runs are re-runs, the latest is shown
+        key = (*_label_key(row), row["_config"], json.dumps(row["seed"]))
         old = best.get(key)
         if old is None or row["_recency"] >= old["_recency"]:
             if old is not None:
@@ -270,12 +291,80 @@ def collect(run_dirs: Union[PathLike, Sequence[PathLike]], accuracy: Literal["fi
             best[key] = row
         else:
             superseded[key].append(row["run_dir"])
-    rows = []
+    configs: dict[tuple, list[dict]] = defaultdict(list)
     for key, row in best.items():
         row["superseded"] = superseded.get(key, [])
         row["runs"] = 1 + len(row["superseded"])
-        rows.append(row)
+        configs[key[:-1]].append(row)
+    rows = [_over_seeds(group) for group in configs.values()]
+    _name_differences(rows)
     return sorted(rows, key=_sort_key)
+
+
+def _label_key(row: dict) -> tuple:
+    return row["setup"], row["model"], row["dataset"], row["method"], row["label"], str(row["num_finetune"])
+
+
+def _over_seeds(group: list[dict]) -> dict:
+    """One configuration run with several seeds: one row, the mean accuracy of its finished seeds (``seeds``,
+    ``accuracy_sd``, ``per_seed``), the statuses of all of them (``status``: "finished" when every seed finished)."""
+    group = sorted(group, key=lambda r: (str(r["seed"]), r["_recency"]))
+    if len(group) == 1:
+        row = group[0]
+        row["seeds"] = 1
+        return row
+    done = [r for r in group if r["status"] == "finished" and r["accuracy"] is not None]
+    row = dict(max(done or group, key=lambda r: r["_recency"]))
+    values = [r["accuracy"] for r in done]
+    row["seeds"] = len(group)
+    row["accuracy"] = sum(values) / len(values) if values else None
+    row["accuracy_sd"] = (statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+    row["per_seed"] = "; ".join(f"s{r['seed']}: {_fmt(r['accuracy'])}"
+                                + ("" if r["status"] == "finished" else f" ({r['status']})") for r in group)
+    statuses = Counter(r["status"] for r in group)
+    row["status"] = "finished" if set(statuses) == {"finished"} else ", ".join(
+        f"{status} x{n}" for status, n in sorted(statuses.items()))
+    row["runs"] = sum(r["runs"] for r in group)
+    row["_status_recorded"] = any(r["_status_recorded"] for r in group)
+    row["superseded"] = [d for r in group for d in r["superseded"]]
+    row["seed_runs"] = [r["run_dir"] for r in group]
+    return row
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _name_differences(rows: list[dict]) -> None:
+    """Rows of one label and #layers that are different configurations (other layers, include, budget, epochs,
+    data...) are never merged: each says where it differs from the most common configuration of the group (ties:
+    the first run directory's), e.g. ``ASI`` and ``ASI [budget=0.5]``."""
+    by_label: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_label[_label_key(r)].append(r)
+    for group in by_label.values():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda r: r["run_dir"])
+        flats = [_flat(json.loads(r["_config"])) for r in group]
+        as_text = [{k: json.dumps(v, default=str) for k, v in f.items()} for f in flats]
+        keys = sorted({k for f in as_text for k in f})
+        common = {}
+        for k in keys:
+            counts = Counter(f.get(k) for f in as_text)
+            best = max(counts.values())
+            common[k] = next(f.get(k) for f in as_text if counts[f.get(k)] == best)
+        for r, f, t in zip(group, flats, as_text):
+            shown = ", ".join(f"{k.split('.', 1)[-1]}={f.get(k)}" for k in keys if t.get(k) != common[k])
+            if shown:
+                r["label"] = f"{r['label']} [{shown}]"
+                r["_variant"] = (*r["_variant"], shown)
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -311,14 +400,20 @@ def _md(rows: Sequence[dict]) -> str:
         notes, prev = [], None
         for r in group:
             mark = ""
-            if r["runs"] > 1:
-                notes.append(f"{r['runs']} runs of {r['label']}, {r['num_finetune']} layers: the latest is shown "
-                             f"({r['run_dir']}).")
+            if r["superseded"]:
+                notes.append(f"{len(r['superseded']) + 1} runs of {r['label']}, {r['num_finetune']} layers with the "
+                             f"same settings and seed: the latest is shown ({r['run_dir']}).")
                 mark = f"<sup>{len(notes)}</sup>"
+            if r.get("seeds", 1) > 1:
+                notes.append(f"{r['label']}, {r['num_finetune']} layers: mean of the finished of {r['seeds']} seeds "
+                             f"(sd {_fmt(r['accuracy_sd'])}; {r['per_seed']}).")
+                mark += f"<sup>{len(notes)}</sup>"
             n = "All" if r["num_finetune"] == "all" else MISSING if r["num_finetune"] is None else r["num_finetune"]
             name = r["label"] if r["label"] != prev else ""
             prev = r["label"]
             acc = _fmt(r["accuracy"]) if r.get("status") != "diverged" else "diverged"
+            if r["_status_recorded"] and r.get("status") not in ("finished", "diverged"):  # running, interrupted
+                acc += f" ({r['status']})"
             if r.get("status") == "diverged":
                 notes.append(f"{r['label']}, {r['num_finetune']} layers diverged (non-finite loss; {r['run_dir']}): "
                              f"no accuracy to report.")
@@ -356,7 +451,8 @@ def _md_segmentation(model: str, dataset: str, group: Sequence[dict]) -> str:
         name = r["label"] if r["label"] != prev else ""
         prev = r["label"]
         tflops = None if r["gflops"] is None else r["gflops"] / 1000
-        lines.append(f"| {name} | {n} | {_fmt(r['accuracy'])} | {_fmt(r['macc'])} | {_fmt(r.get('mem_mib', r['activation_mib']))} | "
+        status = "" if r.get("status") == "finished" or not r["_status_recorded"] else f" ({r.get('status')})"
+        lines.append(f"| {name} | {n} | {_fmt(r['accuracy'])}{status} | {_fmt(r['macc'])} | {_fmt(r.get('mem_mib', r['activation_mib']))} | "
                      f"{_fmt(tflops)} |")
     mem = ("Mem: activation memory of the compressed layers" if group[0].get("mem_source", "paper") == "paper"
            else MEMORY[group[0].get("mem_source", "paper")][1])
@@ -497,9 +593,10 @@ def report(run_dirs: List[str], format: Literal["md", "csv"] = "md", out: Option
         raise SystemExit(f"report: no metrics.json with run settings under {', '.join(map(str, run_dirs))}; "
                          f"give the run root (default runs/) or a run directory of `main.py fit`")
     for r in rows:
-        if r["runs"] > 1:
-            print(f"report: {r['runs']} runs of {r['setup']}/{r['model']}/{r['dataset']} {r['label']} "
-                  f"{r['num_finetune']} layers; using the latest, {r['run_dir']}", file=sys.stderr)
+        if r["superseded"]:
+            print(f"report: {len(r['superseded']) + 1} runs of {r['setup']}/{r['model']}/{r['dataset']} {r['label']} "
+                  f"{r['num_finetune']} layers with the same settings and seed; using the latest, {r['run_dir']}",
+                  file=sys.stderr)
     text = format_table(rows, format)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

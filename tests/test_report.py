@@ -122,7 +122,8 @@ def test_latest_of_several_runs_is_shown_and_said(tmp_path):
     assert l2["accuracy"] == pytest.approx(62.50) and l2["runs"] == 2
     assert l2["superseded"] == [str(root / "l2_budget_hosvd0.8")]
     md = format_table(rows, "md")
-    assert "| ASI | 2<sup>1</sup> | 62.50 |" in md and "2 runs of ASI, 2 layers: the latest is shown" in md
+    assert "| ASI | 2<sup>1</sup> | 62.50 |" in md
+    assert "2 runs of ASI, 2 layers with the same settings and seed: the latest is shown" in md
     os.utime(rerun, (old - 60, old - 60))  # now the original is the newer one
     assert find(collect(tmp_path / "runs", warn=warnings.append), "B", "asi", 2)["accuracy"] == pytest.approx(61.71)
 
@@ -207,3 +208,69 @@ def test_runs_with_the_approximations_are_rows_of_their_own(tmp_path):
                       "ASI, saved in 4 bits"]
     assert all(r["runs"] == 1 for r in rows)
     assert next(r for r in rows if r["label"] == "ASI, saved in 4 bits")["mem_mib"] == pytest.approx(0.25)
+
+
+def _variant_run(root, src, name, model_extra=None, **top):
+    data = json.loads((src / "metrics.json").read_text())
+    data["settings"]["model_args"].update(model_extra or {})
+    data.update(top)
+    (root / name).mkdir(parents=True)
+    (root / name / "metrics.json").write_text(json.dumps(data))
+    return data
+
+
+def test_runs_with_other_settings_are_never_merged_and_say_what_differs(tmp_path):
+    """Issue 22: runs that differ in include, layers or budget were one row ("latest shown"); each is a row now,
+    its label naming what differs."""
+    src = FIXTURES / "setupB" / "mcunet" / "imagenet" / "asi" / "l2_budget_hosvd0.8"
+    root = tmp_path / "runs" / "setupB" / "mcunet" / "imagenet" / "asi"
+    shutil.copytree(src, root / "l2_budget_hosvd0.8")
+    _variant_run(root, src, "l2_budget05", {"budget": 0.5}, val_acc=0.55)
+    _variant_run(root, src, "l2_include", {"include": "point_linear"}, val_acc=0.58)
+    rows = collect(tmp_path / "runs", warn=lambda msg: None)
+    assert len(rows) == 3 and all(r["runs"] == 1 and not r["superseded"] for r in rows)
+    labels = sorted(r["label"] for r in rows)
+    assert labels == ["ASI", "ASI [budget=0.5]", "ASI [include=point_linear]"]  # where each differs from the most
+    assert sorted(r["accuracy"] for r in rows) == pytest.approx([55.0, 58.0, 61.71])  # common configuration
+    md = format_table(rows, "md")
+    assert "| ASI [budget=0.5] | 2 | 55.00 |" in md and "latest" not in md
+
+
+def test_seeds_of_one_configuration_are_one_row_with_their_mean_spread_and_statuses(tmp_path):
+    src = FIXTURES / "setupB" / "mcunet" / "imagenet" / "asi" / "l2_budget_hosvd0.8"
+    root = tmp_path / "runs" / "setupB" / "mcunet" / "imagenet" / "asi"
+    for seed, acc, status in ((0, 0.60, "finished"), (1, 0.62, "finished"), (2, 0.30, "interrupted")):
+        data = json.loads((src / "metrics.json").read_text())
+        data["settings"]["seed"] = seed
+        data.update(val_acc=acc, status=status)
+        (root / f"l2_s{seed}").mkdir(parents=True)
+        (root / f"l2_s{seed}" / "metrics.json").write_text(json.dumps(data))
+    (row,) = collect(tmp_path / "runs", warn=lambda msg: None)
+    assert row["seeds"] == 3 and row["runs"] == 3 and not row["superseded"]
+    assert row["accuracy"] == pytest.approx(61.0) and row["accuracy_sd"] == pytest.approx(1.4142, abs=1e-3)
+    assert row["status"] == "finished x2, interrupted x1"
+    assert row["per_seed"] == "s0: 60.00; s1: 62.00; s2: 30.00 (interrupted)"
+    md = format_table([row], "md")
+    assert "| ASI | 2<sup>1</sup> | 61.00 (finished x2, interrupted x1) |" in md
+    assert "mean of the finished of 3 seeds (sd 1.41; s0: 60.00; s1: 62.00; s2: 30.00 (interrupted))" in md
+    csv_text = format_table([row], "csv")
+    header, line = csv_text.splitlines()
+    assert {"status", "seeds", "accuracy_sd", "per_seed"} <= set(header.split(","))
+    assert "finished x2, interrupted x1" in line
+
+
+def test_a_killed_run_is_named_from_its_start_settings_and_its_status_shown(tmp_path):
+    """Issue 22: a run killed before it ended has only ``run_settings`` (written at the start): it showed as "ASI
+    (default ranks)" with no status in the markdown."""
+    src = FIXTURES / "setupB" / "mcunet" / "imagenet" / "asi" / "l2_budget_hosvd0.8"
+    full = json.loads((src / "metrics.json").read_text())
+    started = {"status": "interrupted", "interrupted_at_step": 12, "run_settings": {
+        "model": full["settings"]["model_args"], "data": full["settings"]["data_args"], "seed": 0,
+        "trainer": {"max_epochs": 90}}}
+    run = tmp_path / "runs" / "setupB" / "mcunet" / "imagenet" / "asi" / "l2_killed"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(started))
+    (row,) = collect(tmp_path / "runs", warn=lambda msg: None)
+    assert row["label"] == "ASI" and row["status"] == "interrupted"
+    assert "| ASI | 2 | – (interrupted) |" in format_table([row], "md")
+    assert "interrupted" in format_table([row], "csv").splitlines()[1]
