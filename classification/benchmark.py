@@ -17,6 +17,8 @@ from torch import nn
 import asi_core
 from asi_core.methods import Vanilla
 
+from .resources import resolve_device
+
 __all__ = ["run_benchmark", "time_weight_gradients"]
 
 BASELINE = Vanilla.name  # what the ratios and speed-ups are relative to (plain autograd: "ratios_to_vanilla")
@@ -160,8 +162,7 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
         raise ValueError(f"unknown method(s) {unknown} in --benchmark.methods; valid: {list(MODEL_METHODS)}, each "
                          f"optionally with +checkpointing, +recompute, +micro, +approx or +approx+recompute (e.g. "
                          f"vanilla+checkpointing, asi+approx)")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device, "--benchmark.device")
     args = {k: v for k, v in model_args.items() if k != "method"}
     args.update(pretrained=False, checkpoint=None)
 

@@ -61,6 +61,7 @@ from .finetune import naming_options
 from .measure import measure_exp_name
 from .model import ASI_DEFAULT_RANKS, MODEL_METHODS, ClassificationModel, RandomBackboneWarning, check_model_options
 from .report import report
+from .resources import resolve_device
 from .rundir import exp_name, run_dir, run_settings, settings_hash, write_metrics
 from .registry import DATASETS, MODELS, get_spec
 from .trainer import ASITrainer
@@ -233,6 +234,9 @@ class ASICLI(LightningCLI):
                                      f"steps per method)")
                 if not (isinstance(b.warmup, int) and b.warmup >= 0):
                     raise ValueError(f"--benchmark.warmup {b.warmup!r} is invalid: it must be an integer >= 0")
+                resolve_device(b.device, "--benchmark.device")
+            if self.subcommand == "profile" and cfg.get("device") is not None:
+                resolve_device(cfg.device, "--device")
         except ValueError as err:
             self._error(str(err))
 

@@ -32,7 +32,7 @@ import torch
 
 from .finetune import load_checkpoint_file
 from .weights import ckpt_dir
-from .rundir import METRICS_FILE, read_metrics, run_settings, settings_diff, settings_hash, write_metrics
+from .rundir import METRICS_FILE, TRAINING_ONLY_MODEL_KEYS, read_metrics, run_settings, settings_diff, settings_hash, write_metrics
 
 
 class RunRefused(Exception):
@@ -158,8 +158,9 @@ class Run:
                              f"from a run's checkpoints/last.ckpt, or start from plain weights with --model.checkpoint")
         hp = obj.get("hyper_parameters") or {}
         dhp = obj.get("datamodule_hyper_parameters") or {}
-        # options both sides know (a checkpoint older than an option says nothing about it)
-        model_keys = [k for k in self.model if k in hp]
+        # options both sides know (a checkpoint older than an option says nothing about it); evaluating weights
+        # (data_too=False: validate/test) compares what the network computes, not how it was trained
+        model_keys = [k for k in self.model if k in hp and (data_too or k not in TRAINING_ONLY_MODEL_KEYS)]
         data_keys = [k for k in self.data if k in dhp] if data_too else []
         mine = run_settings({k: self.model[k] for k in model_keys}, {k: self.data[k] for k in data_keys}, self.seed)
         theirs = run_settings({k: hp[k] for k in model_keys}, {k: dhp[k] for k in data_keys}, self.seed)

@@ -230,6 +230,29 @@ def reported_options(net: nn.Module, hp) -> dict:
     return out
 
 
+def resolve_device(device, option: str = "--device", fake: bool = False) -> torch.device:
+    """The torch device a ``--device``-style option names ("auto": CUDA when available and the run is not
+    shape-only, else the CPU); ValueError saying what to use instead for a device this machine does not have."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and not fake else "cpu")
+    try:
+        out = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option} {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if out.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {device}: this machine has no CUDA device (torch {torch.__version__}: "
+                             f"torch.cuda.is_available() is False); use {option} cpu, or auto")
+        if out.index is not None and out.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {device}: there are {torch.cuda.device_count()} CUDA device(s) here "
+                             f"(cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
+    elif out.type not in ("cpu",):
+        raise ValueError(f"{option} {device!r}: only auto, cpu, cuda and cuda:N are supported")
+    return out
+
+
 def profile_report(model: nn.Module, batch_size: int, resolution: int, device: str = "auto",
                    seed: int = 0, max_length: Optional[int] = None) -> dict:
     """``main.py profile``: one training step of a ``ClassificationModel`` (its hparams name the backbone,
@@ -244,9 +267,7 @@ def profile_report(model: nn.Module, batch_size: int, resolution: int, device: s
     net = getattr(model, "net", model)
     text = getattr(net, "is_language_model", False)
     fake_mode = getattr(net, "fake_mode", None)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() and fake_mode is None else "cpu"
-    device = torch.device(device)
+    device = resolve_device(device, fake=fake_mode is not None)
     gen = torch.Generator().manual_seed(seed)
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         x, y = model.random_batch(batch_size, (max_length or resolution) if text else resolution, gen)

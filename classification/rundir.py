@@ -38,6 +38,12 @@ TRAINER_RESULT_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "li
                        "limit_val_batches", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
                        "precision", "devices", "num_nodes", "strategy", "deterministic", "val_check_interval",
                        "check_val_every_n_epoch", "overfit_batches")
+# Model options that say how a network trains, not what it computes: a checkpoint evaluated by validate/test with
+# --ckpt_path is compared on everything else (a different lr is no reason to refuse scoring its weights).
+TRAINING_ONLY_MODEL_KEYS = ("lr", "momentum", "weight_decay", "optimizer", "adam_betas", "scheduler",
+                            "scheduler_interval", "warmup_epochs", "warmup_start_factor", "lr_min_factor", "checkpoint",
+                            "pretrained", "checkpointing", "recompute", "frozen_micro_batch", "approx_activations",
+                            "saved_bits", "budget", "perplexity_file", "ranks", "eps", "warm_start")
 # Options that change nothing in the result (where files are, how fast they load, memory-lean backward, derived).
 IGNORED_MODEL_KEYS = ("lean", "input_shape", "num_classes")
 IGNORED_DATA_KEYS = ("root", "num_workers", "download")

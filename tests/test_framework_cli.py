@@ -238,3 +238,23 @@ def test_nested_subcommand_options_come_from_a_config_section_too(run_cli, tmp_p
     with pytest.raises(SystemExit):
         run_cli("profile", "--help", tiny=False)
     assert "--device DEVICE" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for a machine without CUDA")
+@pytest.mark.parametrize("args, option", [(["profile", "--config", "configs/models/mcunet.yaml", "--device", "cuda"],
+                                           "--device cuda"),
+                                          (["benchmark", "--config", "configs/models/mcunet.yaml",
+                                            "--benchmark.device", "cuda:1"], "--benchmark.device cuda:1")])
+def test_a_cuda_device_on_a_machine_without_one_is_refused_saying_what_to_use(args, option, monkeypatch, capsys):
+    """Issue 22: --device cuda without a GPU gave a raw torch error mid-run."""
+    from classification.cli import cli_main
+    from classification.resources import resolve_device
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit):
+        cli_main(args)
+    err = capsys.readouterr().err
+    assert f"error: {option}: this machine has no CUDA device" in err and "cpu, or auto" in err
+    with pytest.raises(ValueError, match="is not a device: use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")

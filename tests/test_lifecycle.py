@@ -308,3 +308,16 @@ def test_an_evaluated_checkpoint_must_have_the_commands_model_settings(tmp_path)
     other_model = write_ckpt(tmp_path / "b.ckpt", model={"num_finetune": 4})
     with pytest.raises(RunRefused, match=r"model.num_finetune: 4 -> 2"):
         run.prepare_evaluation("test", str(other_model))
+
+
+def test_evaluating_a_checkpoint_ignores_training_only_options_but_not_the_network(tmp_path):
+    """Issue 22: `test --ckpt_path <run>/checkpoints/best.ckpt` was refused when only a training option (lr)
+    differed; the network's own settings are still compared."""
+    ckpt = write_ckpt(tmp_path / "trained.ckpt", model={"lr": 0.5, "momentum": 0.5, "ranks": 7})
+    run = make_run(tmp_path)
+    assert run.prepare_evaluation("test", str(ckpt)) == str(ckpt)
+    with pytest.raises(RunRefused, match="model.lr: 0.5"):
+        run.prepare_fit(str(ckpt))  # resuming training does compare them
+    other = write_ckpt(tmp_path / "other.ckpt", model={"lr": 0.5, "method": "hosvd"})
+    with pytest.raises(RunRefused, match=r"\(1 difference\(s\), checkpoint -> command\): model.method: 'hosvd' -> 'asi'"):
+        run.prepare_evaluation("test", str(other))
