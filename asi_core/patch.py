@@ -117,18 +117,29 @@ def patch(model: nn.Module, method: str, num_finetune: Union[int, str, None] = N
 
 
 def unpatch(model: nn.Module) -> list[str]:
-    """Put the plain modules back, carrying the (trained) Parameters; undo lean replacements, recompute.enable and
-    microbatch.enable."""
+    """Put the plain modules back, carrying the (trained) Parameters; undo lean replacements, recompute.enable,
+    microbatch.enable and asi_core.approx's options."""
     names = []
     for name, wrapper in patched_layers(model):
         model.set_submodule(name, wrapper.to_plain())
         names.append(name)
-    from . import microbatch, recompute
+    from . import approx, microbatch, recompute
     from .lean import unmake_lean
     unmake_lean(model)
+    approx.restore_activations(model)  # approx.approximate_activations / compress_saved, if any
+    approx.uncompress_saved(model)
     recompute.disable(model)  # recompute.enable's segments, if any
     microbatch.disable(model)  # microbatch.enable's converted modules, if any
     return names
+
+
+def plain_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` without what the patched layers' methods keep for training (ASI's warm-start factors
+    and step count): the keys and tensors of the plain model, so that it loads strictly into the unpatched
+    architecture (``plain.load_state_dict(asi_core.plain_state_dict(model))``) while ``model`` stays patched."""
+    state = model.state_dict()
+    prefixes = tuple(f"{name}.method." if name else "method." for name, _ in patched_layers(model))
+    return type(state)((k, v) for k, v in state.items() if not k.startswith(prefixes))
 
 
 def choose_layers(model: nn.Module, num_finetune: Union[int, str, None] = None, layers: Optional[Iterable[str]] = None,

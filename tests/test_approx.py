@@ -364,3 +364,29 @@ def test_chunked_work_gives_the_same_codes_values_and_gradients(bits, monkeypatc
     assert torch.equal(approx.dequantize(part), approx.dequantize(whole))
     (part_grad,) = torch.autograd.grad(approx.step_derivative(w, torch.nn.functional.gelu, approx.GELU_2BIT), w, g)
     assert torch.equal(part_grad, whole_grad)
+
+
+def test_a_patched_models_plain_state_dict_loads_strictly_into_the_plain_model_and_unpatch_undoes_the_options():
+    """Issue 22: a patched model's state_dict has the methods' training state (*.method.factor_*, step) and did not
+    load strictly into a plain model, while the docs said the keys were the same."""
+    from classification import families  # noqa: F401
+    from classification.registry import create_model
+
+    torch.manual_seed(0)
+    net = create_model("swin_tiny_test", num_classes=10, pretrained=False)
+    plain = copy.deepcopy(net)
+    asi_core.patch(net, "asi", num_finetune=4, layer_type="linear", include="mlp", ranks=2)
+    net.train()
+    net(torch.randn(2, 3, 32, 32)).sum().backward()  # the factors exist now
+    assert any(".method.factor_" in k for k in net.state_dict())
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        copy.deepcopy(plain).load_state_dict(net.state_dict())
+    plain.load_state_dict(asi_core.plain_state_dict(net))  # strict
+    net.eval(), plain.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(net(x), plain(x))
+    approx.approximate_activations(net)
+    approx.compress_saved(net)
+    asi_core.unpatch(net)
+    assert not any(type(m).__name__.startswith("Approx") for m in net.modules())
+    assert approx.saved_compressor(net) is None and not approx.uncompress_saved(net)
