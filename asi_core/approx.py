@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -124,7 +125,6 @@ def _interval_codes(x: torch.Tensor, thresholds: tuple[float, ...]) -> torch.Ten
 class _StepDerivative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn: Callable, table: DerivativeTable):
-        y = fn(x)
         flat = x.detach().reshape(-1)
         per = 8 // table.bits
         n = flat.numel()
@@ -135,13 +135,16 @@ class _StepDerivative(torch.autograd.Function):
             packed[start // per:(start + codes.numel() + per - 1) // per] = pack_codes(_padded(codes, per), table.bits)
         ctx.table, ctx.shape, ctx.numel = table, x.shape, n
         ctx.save_for_backward(packed)
-        return y
+        return fn(x)  # after the codes: an in-place activation may overwrite x
 
     @staticmethod
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
         table, per = ctx.table, 8 // ctx.table.bits
         levels = torch.tensor(table.levels, dtype=grad.dtype, device=grad.device)
+        if torch.is_grad_enabled():  # create_graph: a differentiable product (out= is not)
+            codes = unpack_codes(packed, table.bits)[:ctx.numel].view(ctx.shape)
+            return grad * levels[codes.int()], None, None
         flat = grad.contiguous().view(-1)
         out = torch.empty_like(flat)
         step = CHUNK - CHUNK % per
@@ -177,14 +180,35 @@ def register_activation(cls: type, table: Callable[[nn.Module], DerivativeTable]
     _TABLES[cls] = table
 
 
+def _out_of_place(cls: type, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``cls.forward`` with ``inplace`` off while a graph is recorded (the input's codes are taken first, and a
+    custom Function must not write over its input)."""
+    inplace = getattr(module, "inplace", False)
+    if inplace:
+        module.inplace = False
+    try:
+        return cls.forward(module, x)
+    finally:
+        if inplace:
+            module.inplace = True
+
+
 def _approx_class(cls: type) -> type:
     """The subclass of ``cls`` whose forward is ``cls.forward`` with a step-derivative backward (made once)."""
     if cls not in _APPROX_CLASSES:
         def forward(self, x):
-            return step_derivative(x, lambda t: cls.forward(self, t), _TABLES[cls](self))
-        _APPROX_CLASSES[cls] = type(f"Approx{cls.__name__}", (cls,), {"forward": forward, "_asi_plain_class": cls,
-                                                                       "__module__": __name__})
+            if not (torch.is_grad_enabled() and x.requires_grad):
+                return cls.forward(self, x)  # no graph: the plain forward, in place included
+            return step_derivative(x, partial(_out_of_place, cls, self), _TABLES[cls](self))
+        name = f"Approx{cls.__name__}"
+        _APPROX_CLASSES[cls] = type(name, (cls,), {"forward": forward, "_asi_plain_class": cls,
+                                                   "__module__": __name__, "__qualname__": name})
+        globals().setdefault(name, _APPROX_CLASSES[cls])  # picklable by name (torch.save(model), spawn)
     return _APPROX_CLASSES[cls]
+
+
+for _cls in (nn.GELU, nn.SiLU):  # made at import, so that a pickled model with them loads in a fresh process
+    _approx_class(_cls)
 
 
 def approximate_activations(model: nn.Module) -> list[str]:
@@ -240,7 +264,10 @@ def quantize(t: torch.Tensor, bits: int = 8, group: int = 256) -> Quantized:
     chunk = max(1, CHUNK // group)  # groups per chunk
     for g0 in range(0, n_groups, chunk):
         g1 = min(n_groups, g0 + chunk)
-        part = _padded(flat[g0 * group:g1 * group].float(), group).view(-1, group)
+        part = flat[g0 * group:g1 * group].float()
+        if part.numel() % group:  # the last group: filled with its own last value, so its min and max are its own
+            part = torch.cat([part, part[-1:].expand(group - part.numel() % group)])
+        part = part.view(-1, group)
         lo, hi = part.amin(1, keepdim=True), part.amax(1, keepdim=True)
         step = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
         codes = part.sub(lo).div_(step).round_().clamp_(0, levels).to(torch.uint8).view(-1)
@@ -313,18 +340,24 @@ class SavedCompressor(torch.autograd.graph.saved_tensors_hooks):
                              f"got {group!r}")
         self.bits, self.group, self.min_numel, self.model = bits, group, min_numel, model
         self.compressed = self.kept = 0
-        self._outer = None
+        self._outer, self._inside_checkpoint = None, False
         self._params: set = set()
+        self._param_shapes: dict = {}
         self._cache: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self):
         self._outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        self._params = set()
+        # entered inside torch.utils.checkpoint's forward: it keeps nothing there (it recomputes), so neither do we
+        self._inside_checkpoint = self._outer is not None and getattr(self._outer[0], "_checkpoint_internal", False)
+        self._params, self._param_shapes = set(), {}
         if self.model is not None:
             for t in (*self.model.parameters(), *self.model.buffers()):
                 if t.numel():
                     self._params.add(_storage_key(t))
+            for p in self.model.parameters():  # autocast's casts of the weights (not parameters themselves)
+                for shape in (tuple(p.shape), tuple(reversed(p.shape))):
+                    self._param_shapes.setdefault(shape, set()).add(p.dtype)
         self._cache = weakref.WeakValueDictionary()
         super().__enter__()
         return self
@@ -339,6 +372,9 @@ class SavedCompressor(torch.autograd.graph.saved_tensors_hooks):
             return True
         if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
             return True
+        dtypes = self._param_shapes.get(tuple(t.shape))
+        if dtypes is not None and t.dtype not in dtypes:
+            return True  # a parameter's shape in another dtype: a weight cast by autocast for this forward
         try:
             return _storage_key(t) in self._params
         except (RuntimeError, NotImplementedError):  # no plain storage (a wrapper subclass): leave it alone
@@ -352,21 +388,28 @@ class SavedCompressor(torch.autograd.graph.saved_tensors_hooks):
         p.packed, p.unpack = self._outer[0](t), self._outer[1]
         return p
 
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        return _storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version, t.dtype
+
     def _pack(self, t: torch.Tensor):
-        if self._keep(t):
+        if self._inside_checkpoint or self._keep(t):
             return self._plain(t)
         try:
-            key = (_storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version, t.dtype)
+            key = self._key(t)
         except (RuntimeError, NotImplementedError):
             return self._plain(t)
         q = self._cache.get(key)
-        if q is not None and q.source() is not None:  # the same tensor, alive (its memory not reused since)
+        source = q.source() if q is not None else None
+        if source is not None and self._key(source) == key:  # the same tensor, alive and still on that memory
             return q
         q = quantize(t, self.bits, self.group)
         q.source = weakref.ref(t)
         fake = isinstance(t, FakeTensor) or t.is_meta
-        if not fake and not bool(torch.isfinite(q.lo).all() & torch.isfinite(q.hi).all()):
-            return self._plain(t)  # inf / NaN (a mask of -inf): no finite step represents it
+        if not fake and not bool(torch.isfinite(q.hi - q.lo).all()):
+            return self._plain(t)  # inf / NaN (a mask of -inf), a range beyond float32: no finite step
+        q.codes = q.codes.view(torch.int8)  # (not a mask: meters count uint8/bool as lean's bit masks)
+        keep_exact(*q.tensors())  # an enclosing compressor must not compress our codes, minima and maxima again
         if self._outer is not None:
             q.outer = (self._outer[1], [self._outer[0](x) for x in q.tensors()])
             q.codes = q.lo = q.hi = None  # held by the outer hooks' packed objects
@@ -382,8 +425,10 @@ class SavedCompressor(torch.autograd.graph.saved_tensors_hooks):
             return obj.unpack(obj.packed)
         if obj.outer is not None:
             unpack, packed = obj.outer
-            return dequantize(obj, *[unpack(p) for p in packed])
-        return dequantize(obj)
+            codes, lo, hi = (unpack(p) for p in packed)
+        else:
+            codes, lo, hi = obj.codes, obj.lo, obj.hi
+        return dequantize(obj, codes.view(torch.uint8), lo, hi)
 
 
 # --------------------------------------------------------------------------- the model-level switch
@@ -400,24 +445,37 @@ class _Settings:
     def __deepcopy__(self, memo):
         return _Settings(self.bits, self.group, self.min_numel)
 
+    def __getstate__(self):  # pickling (torch.save(model), spawn): the settings, not a live compressor
+        return self.bits, self.group, self.min_numel
+
+    def __setstate__(self, state):
+        self.__init__(*state)
+
 
 def _enter(module: nn.Module, args) -> None:
     st = module.__dict__.get(_STATE)
     if st is None:
         return
-    st.depth += 1
-    if st.depth == 1:  # one compressor per forward, for this module (a deep copy exempts its own parameters)
-        st.compressor = SavedCompressor(st.bits, st.group, st.min_numel, model=module)
-        st.compressor.__enter__()
+    if st.depth and st.compressor is not None:
+        # a forward that never returned (KeyboardInterrupt, SystemExit: the forward hook runs for exceptions only)
+        # left its hooks pushed: take them off, if still on top, before this forward
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if top is not None and getattr(top[0], "__self__", None) is st.compressor:
+            st.compressor.__exit__(None, None, None)
+        st.depth = 0
+    # one compressor per forward, for this module (a deep copy exempts its own parameters); a forward of the same
+    # module inside its own forward is not supported (the stale case above)
+    st.compressor = SavedCompressor(st.bits, st.group, st.min_numel, model=module)
+    st.compressor.__enter__()
+    st.depth = 1
 
 
 def _leave(module: nn.Module, args, output) -> None:
     st = module.__dict__.get(_STATE)
     if st is None or st.depth == 0:
         return
-    st.depth -= 1
-    if st.depth == 0:
-        st.compressor.__exit__(None, None, None)
+    st.depth = 0
+    st.compressor.__exit__(None, None, None)
 
 
 def compress_saved(model: nn.Module, bits: int = 8, group: int = 256, min_numel: int = 1024) -> None:

@@ -65,7 +65,7 @@ class ActivationMeter:
                              "first (the meter counts from the first patched layer on)")
         self.net = net
         self._meter = SavedTensorMeter(exclude=[net, *exclude])
-        self._first_record = self._bytes_before = 0
+        self._first_record = 0
         self._handles: list = []
         self._marks: dict[str, int] = {}
         self.running = False   # saved-tensor hooks active
@@ -95,7 +95,11 @@ class ActivationMeter:
                 self._meter.__enter__()
                 self.running = True
             self.started = True
-            self._first_record, self._bytes_before = len(self._meter.records), self._meter.bytes
+            # counting starts here: what the frozen prefix saved is forgotten (a storage saved there and again in
+            # the region is counted once, here)
+            self._first_record = len(self._meter.records)
+            self._meter._storages.clear()
+            self._meter.bytes = 0
         if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():  # (not inside a checkpointed
             self.input_requires_grad[name] = bool(args[0].requires_grad)           # forward, which runs no graph)
         if self.running:
@@ -127,7 +131,7 @@ class ActivationMeter:
     @property
     def bytes(self) -> Optional[int]:
         """Bytes saved for backward from the first fine-tuned layer on; None if no patched layer ran."""
-        return self._meter.bytes - self._bytes_before if self.started else None
+        return self._meter.bytes if self.started else None
 
     @property
     def mask_bytes(self) -> Optional[int]:

@@ -390,3 +390,110 @@ def test_a_patched_models_plain_state_dict_loads_strictly_into_the_plain_model_a
     asi_core.unpatch(net)
     assert not any(type(m).__name__.startswith("Approx") for m in net.modules())
     assert approx.saved_compressor(net) is None and not approx.uncompress_saved(net)
+
+
+# ------------------------------------------------------------------ the review's cases (each failed before its fix)
+def test_inside_a_checkpointed_forward_a_tensor_saved_twice_still_backpropagates():
+    from torch.utils.checkpoint import checkpoint
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return (h * h).sum()
+
+    m = Twice()
+    approx.compress_saved(m, 8, min_numel=1)
+    x = torch.randn(32, 64, requires_grad=True)
+    checkpoint(m, x, use_reentrant=False).backward()
+    plain = Twice()
+    plain.load_state_dict(m.state_dict())
+    x2 = x.detach().clone().requires_grad_(True)
+    plain(x2).backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)  # checkpointing keeps nothing: nothing approximated
+
+
+def test_a_forward_interrupted_by_keyboardinterrupt_leaves_no_compressor_behind():
+    class Stop(nn.Module):
+        def forward(self, x):
+            raise KeyboardInterrupt
+
+    net = nn.Sequential(nn.Linear(64, 64), Stop())
+    approx.compress_saved(net, 2, min_numel=1)
+    with pytest.raises(KeyboardInterrupt):
+        net(torch.randn(4, 64, requires_grad=True))
+    net[1] = nn.Identity()
+    net(torch.randn(4, 64, requires_grad=True))  # the next forward takes the stale hooks off first
+    assert _top_hooks() is None
+    y = torch.randn(2048, requires_grad=True)
+    (g,) = torch.autograd.grad(y.exp().sum(), y)  # outside the model: exact again
+    assert torch.equal(g, y.detach().exp())
+
+
+def test_autocast_weight_casts_in_place_activations_and_odd_sizes_are_handled():
+    lin = nn.Linear(256, 256)
+    x = torch.randn(64, 256, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with approx.SavedCompressor(2, min_numel=1, model=lin) as c:
+            lin(x).float().sum().backward()
+    exact_gx = torch.ones(64, 256) @ lin.weight.to(torch.bfloat16).float()
+    assert torch.allclose(x.grad, exact_gx, rtol=2e-2, atol=2e-2)  # the weight's bf16 cast was kept as it is
+    assert c.kept >= 1
+
+    act = nn.SiLU(inplace=True)
+    approx.approximate_activations(nn.Sequential(act))
+    z = torch.randn(1000, requires_grad=True)
+    (g,) = torch.autograd.grad(act(z * 1.0).sum(), z)
+    assert torch.equal(g, approx.SILU_2BIT.derivative(z.detach()))  # the codes of the input, not of silu(input)
+    assert act.inplace is True
+
+    tail = torch.linspace(100, 101, 300)  # 300 = one group of 256 and a tail of 44
+    q = approx.quantize(tail, 2, 256)
+    assert approx.dequantize(q)[-1] == tail[-1] and (approx.dequantize(q) - tail).abs().max() < 0.2
+    huge = torch.tensor([-3e38, 3e38] * 1000, requires_grad=True)
+    with approx.SavedCompressor(8, min_numel=1) as c:
+        (huge * huge).sum()
+    assert c.compressed == 0  # a range beyond float32: kept as it is
+
+
+def test_stale_cache_entries_pickling_double_backward_codes_and_nesting():
+    import pickle
+
+    from classification.resources import MASK_DTYPES
+
+    with approx.SavedCompressor(8, min_numel=1) as c:
+        h = torch.randn(64, 64, requires_grad=True).exp()
+        a = h * h
+        h.data = torch.zeros(64, 64)  # same object, other memory: a new save is a new tensor
+        h2 = torch.randn(64, 64, requires_grad=True).exp()
+        b = h2 * h2
+    assert c.compressed == 2
+    (g,) = torch.autograd.grad(b.sum(), h2)
+    assert (g - 2 * h2.detach()).abs().max() < 0.4  # within the 8-bit steps of its own values, not the old ones
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.GELU())
+    approx.approximate_activations(net)
+    approx.compress_saved(net)
+    net(torch.randn(2, 4))
+    twin = pickle.loads(pickle.dumps(net))
+    assert type(twin[1]).__name__ == "ApproxGELU" and approx.saved_compressor(twin) is None
+
+    x = torch.randn(50, requires_grad=True)
+    (g,) = torch.autograd.grad(approx.step_derivative(x, torch.nn.functional.gelu, approx.GELU_2BIT).sum(), x,
+                               create_graph=True)
+    assert g.shape == x.shape
+
+    with SavedTensorMeter() as meter:
+        with approx.SavedCompressor(8, min_numel=1):
+            (torch.randn(4096, requires_grad=True) * 2).exp()
+    assert all(r["dtype"] not in MASK_DTYPES for r in meter.records)  # codes are not lean's bit masks
+    with approx.SavedCompressor(8, min_numel=1) as outer:
+        with approx.SavedCompressor(8, min_numel=1) as inner:
+            y = torch.randn(1024 * 300, requires_grad=True)
+            z = y.exp()
+        (gz,) = torch.autograd.grad(z.sum(), y)
+    assert inner.compressed == 1 and outer.compressed == 0  # the inner codes, minima and maxima are not recompressed
+    assert (gz - y.detach().exp()).abs().max() <= y.detach().exp().max() / 255  # half a step of the widest group
