@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 import statistics
 import time
 from typing import Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 import asi_core
@@ -47,6 +50,77 @@ class WeightsDigest(pl.Callback):
         if trainer.is_global_zero:
             write_metrics(trainer.default_root_dir, {"weights_digests": digests,
                                                      "ranks_in_sync": len(set(digests)) == 1})
+
+
+class LastAtValidation(ModelCheckpoint):
+    """last.ckpt written after every validation too (the CLI's other last.ckpt writer saves at epoch ends and at an
+    interruption); a state key of its own, as Lightning needs for two checkpoint callbacks of one configuration."""
+
+    @property
+    def state_key(self) -> str:
+        return f"LastAtValidation{super().state_key}"
+
+
+class ExactResume(pl.Callback):
+    """A resumed fit continues exactly as the uninterrupted one would, from an epoch end or mid-epoch (SIGTERM, an
+    exception), in epoch- and step-bounded modes alike. With the data module's sampler (data.EpochSampler: the order
+    from (seed, epoch), each sample's augmentation from its own seed, nothing drawn from the global RNG by loading):
+
+    - every checkpoint keeps the global random states (torch, CUDA, NumPy, Python): dropout, stochastic depth and
+      anything else the training draws continue their sequence;
+    - a checkpoint written at the end of an epoch is loaded as a completed epoch. (Lightning resumes such a
+      checkpoint as "restarted on epoch end" when ``max_steps`` is set, and then skips the next epoch: a run with
+      max_epochs 3, max_steps 300 and 15 batches per epoch, killed in epoch 1, ended at step 30, not 45);
+    - resumed mid-epoch, the sampler leaves out the samples of the batches already trained (Lightning cannot resume
+      a plain DataLoader's position and would start the epoch's order again)."""
+
+    KEY = "asi_rng_states"
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()  # plain values: checkpoints load weights_only
+        checkpoint[self.KEY] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                                          float(gauss)],
+                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get(self.KEY)
+        if states:
+            torch.set_rng_state(states["torch"])
+            name, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(states["python"])
+            if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states["cuda"])
+        complete_ended_epoch(checkpoint)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # (Lightning calls no on_train_epoch_start for the epoch it resumes in the middle of)
+        if not trainer.fit_loop.restarted_mid_epoch:
+            return
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        loaders = getattr(trainer.train_dataloader, "flattened", [trainer.train_dataloader])
+        for loader in loaders:
+            if hasattr(getattr(loader, "sampler", None), "skip") and loader.batch_size:
+                loader.sampler.skip(done * loader.batch_size)
+
+
+def complete_ended_epoch(checkpoint: dict) -> bool:
+    """Mark the epoch of a checkpoint written at its end (every batch done, the epoch not yet counted complete) as
+    completed, its batch counters at the start of the next: the state Lightning itself resumes from without
+    ``max_steps``. True if it changed the checkpoint."""
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches or not batches.get("is_last_batch"):
+        return False
+    if not all(e["ready"] == e["started"] == e["processed"] == e["completed"] + 1
+               for e in (epochs["total"], epochs["current"])):
+        return False
+    for e in (epochs["total"], epochs["current"]):
+        e["completed"] = e["processed"]
+    batches["current"] = dict.fromkeys(batches["current"], 0)
+    batches["is_last_batch"] = False
+    return True
 
 
 class RunStatus(pl.Callback):

@@ -51,7 +51,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from . import families  # noqa: F401  every model, dataset and task registered
-from .callbacks import AtomicCheckpointIO, ResourceAccounting, RunStatus, WeightsDigest
+from .callbacks import AtomicCheckpointIO, ExactResume, LastAtValidation, ResourceAccounting, RunStatus, WeightsDigest
 from .data import ClassificationData, check_data_options, input_shape_of, num_classes_of
 from .lifecycle import (Run, RunRefused, checkpoint_provenance, file_sha256,  # noqa: F401 (re-exported)
                         setup_b_checkpoint)
@@ -356,11 +356,17 @@ class ASICLI(LightningCLI):
             out.append(ModelCheckpoint(dirpath=ckdir, filename="last", monitor=None, save_top_k=1,
                                        save_on_train_epoch_end=True, save_on_exception=True,
                                        enable_version_counter=False))
+            # ... and after every validation, so that a step-based run (the segmentation recipe: one long epoch,
+            # validation every --trainer.val_check_interval steps) killed mid-epoch loses at most that many steps;
+            # it resumes exactly from there (callbacks.ExactResume)
+            out.append(LastAtValidation(dirpath=ckdir, filename="last", monitor=None, save_top_k=1,
+                                        save_on_train_epoch_end=False, enable_version_counter=False))
         if tcfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             out.append(RichProgressBar())
         out.append(WeightsDigest())
         if self.subcommand in (None, "fit"):
             out.append(RunStatus())
+            out.append(ExactResume())  # random states in every checkpoint, epoch-end and mid-epoch resume exact
         if self.subcommand in (None, "fit") and not any(isinstance(c, ResourceAccounting) for c in given):
             out.append(ResourceAccounting())  # metrics.json["resources"]: memory, FLOPs, step timing
         return out

@@ -18,6 +18,7 @@ this module (the registry's, every family registered by ``classification.familie
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -284,16 +285,63 @@ def check_data_options(batch_size: int = 64, resolution: int = 224, val_fraction
 class EpochSampler(torch.utils.data.RandomSampler):
     """A random order drawn from ``(seed, epoch)`` alone: Lightning calls ``set_epoch`` at each epoch start, so a run
     resumed at an epoch boundary sees exactly the batches an uninterrupted run sees (a plain RandomSampler draws from
-    the global RNG, whose state a checkpoint does not keep)."""
+    the global RNG, whose state a checkpoint does not keep). Each index comes with its sample's seed,
+    ``(index, seed)``, which :class:`SeededSamples` draws the sample's augmentation from, so that what a sample
+    looks like depends on (seed, epoch, index) only, not on the order, the process or what ran before.
+    ``skip(n)``: the next pass leaves out the first ``n`` samples of its order (a run resumed mid-epoch continues
+    where it stopped: callbacks.ExactResume)."""
 
     def __init__(self, data_source, seed: int = 0):
         super().__init__(data_source, generator=torch.Generator())
-        self.seed, self.epoch = int(seed), 0
+        self.seed, self.epoch, self._skip = int(seed), 0, 0
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def skip(self, n: int) -> None:
+        self._skip = int(n)
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_033
+        for position, index in enumerate(super().__iter__()):
+            if position >= skip:
+                yield index, (base + index) % 2 ** 63
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` computed with torch's, Python's and NumPy's global RNGs seeded from the sample's own seed
+    (keys ``(index, seed)`` from :class:`EpochSampler`; a plain index is passed through) and put back afterwards:
+    random augmentations draw the same numbers whatever ran before, in the main process or a worker, and draw
+    nothing from the training's own random state (dropout keeps its sequence)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # the wrapped dataset's attributes (targets, classes ...)
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, seed = key
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
 
 
 class TransformSubset(Dataset):
@@ -471,9 +519,13 @@ class ClassificationData(pl.LightningDataModule):
 
     def _loader(self, ds, shuffle: bool):
         batch_size = self.batch_size if shuffle or self.spec.eval_batch_size is None else self.spec.eval_batch_size
-        sampler = EpochSampler(ds, torch.initial_seed() % 2**31) if shuffle else None  # seed_everything's seed
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False if shuffle else None,
-                          num_workers=self.num_workers,
+        seed = torch.initial_seed() % 2**31  # seed_everything's seed
+        sampler = EpochSampler(ds, seed) if shuffle else None
+        # training: each sample's augmentation from its own seed, the workers' seeds from the loader's own generator:
+        # loading data draws nothing from the global RNG (exact resume at any step: callbacks.ExactResume)
+        return DataLoader(SeededSamples(ds) if shuffle else ds, batch_size=batch_size, sampler=sampler,
+                          shuffle=False if shuffle else None, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(seed),
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
                           drop_last=False)
 

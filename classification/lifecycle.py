@@ -192,7 +192,9 @@ class Run:
         an interrupted run that has no checkpoint to resume from."""
         if ckpt_path == "last":
             ckpt_path = str(self.last) if self.last.is_file() else None
-            if ckpt_path is None:
+            if ckpt_path is None and self.has_run():  # killed before its first checkpoint: as --resume (a run
+                resume = True                         # with nothing to continue from starts again)
+            elif ckpt_path is None:
                 _say(f"--ckpt_path last: {self.path} has no checkpoints/last.ckpt yet; starting the run")
         if overwrite and resume:
             raise RunRefused("--overwrite true (redo the run) and --resume true (continue it) exclude each other")
