@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -433,6 +434,10 @@ class ClassificationData(pl.LightningDataModule):
         check_data_options(batch_size, resolution, val_fraction, num_workers, num_shards)
         self.save_hyperparameters()  # into checkpoints: a resume is checked against the data it was trained on
         self.spec = get_dataset_spec(name)
+        if self.spec.kind == "text" and resolution != 224:
+            warnings.warn(f"--data.resolution {resolution} does nothing for the text dataset {name!r} (its sequences "
+                          f"are --data.max_length tokens); it still enters the run's name and settings, so that runs "
+                          f"made with it keep their directories. Leave it out for token data", stacklevel=2)
         self.name, self.root, self.setup_name, self.half = name, Path(root), setup, half
         self.partition_file, self.num_shards = partition_file, num_shards
         self.val_fraction, self.split_seed = val_fraction, split_seed

@@ -198,6 +198,17 @@ class ClassificationModel(pl.LightningModule):
         return self.objective.random_batch(self.net, batch_size, size, generator)
 
     # ------------------------------------------------------------------ modes
+    def setup(self, stage: str) -> None:
+        """Where the network meets the data: a language model's vocabulary must cover the data's token ids."""
+        embeddings = getattr(getattr(self.net, "model", None), "get_input_embeddings", None)
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        if not getattr(self.net, "is_language_model", False) or embeddings is None or datamodule is None:
+            return
+        from .text_data import check_vocabulary
+        sets = [getattr(datamodule, k, None) for k in ("train_set", "val_set", "test_set")]
+        check_vocabulary([d for d in sets if d is not None], embeddings().num_embeddings, self.hparams.backbone,
+                         getattr(datamodule, "tokenizer", None))
+
     def train(self, mode: bool = True):
         """``set_bn_eval``: BatchNorm stays in eval mode whenever the module is switched to training."""
         super().train(mode)

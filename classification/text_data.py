@@ -169,3 +169,22 @@ register_dataset("digits_tokens", num_classes=10, build=_digits_tokens_build,
                  how_to_obtain="bundled with scikit-learn; nothing to download", kind="text", in_memory=True,
                  tokens=DIGITS_TOKENS_LENGTH)
 register_dataset("boolq", num_classes=2, build=_boolq_build, how_to_obtain=BOOLQ_HOW_TO, kind="text", in_memory=True)
+
+
+def check_vocabulary(datasets, vocab_size: int, model: str, tokenizer: Optional[str]) -> None:
+    """Every token id of the text ``datasets`` (TokenDataset, or subsets of one) must be an embedding row of the
+    model: ValueError naming the largest id, the model's vocabulary and the tokenizer, before any step (a token id
+    past the embedding was an IndexError mid-run, leaving the run interrupted)."""
+    seen = set()
+    for ds in datasets:
+        base = getattr(ds, "base", ds)
+        ids = getattr(base, "input_ids", None)
+        if ids is None or id(base) in seen or ids.numel() == 0:
+            continue
+        seen.add(id(base))
+        largest = int(ids.max())
+        if largest >= vocab_size:
+            raise ValueError(f"the data holds token id {largest}, but {model}'s embedding has {vocab_size} rows "
+                             f"(ids 0..{vocab_size - 1}): the tokenizer ({tokenizer or 'the default'}) is not the "
+                             f"model's. Give the model's own tokenizer with --data.tokenizer (its checkpoint "
+                             f"directory or tokenizer.json), or a model with this vocabulary")

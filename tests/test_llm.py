@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 
+import warnings
+
 import pytest
 import torch
 
@@ -353,3 +355,39 @@ def test_lora_options_are_checked_with_messages_that_say_what_to_do():
             check_model_options(**{option: bad})
     with pytest.raises(ValueError, match=r"--model.lora_targets 'nothing_here' matches none of llama_tiny's linear"):
         ClassificationModel("llama_tiny", 10, pretrained=False, method="lora", lora_targets="nothing_here")
+
+
+def test_a_tokenizer_whose_ids_pass_the_models_vocabulary_is_refused_before_training(run_cli, monkeypatch):
+    """Issue 22: a tokenizer larger than the model's vocabulary was an IndexError mid-run (run left interrupted)."""
+    import classification.text_data as text_data
+    from classification.text_data import TokenDataset, check_vocabulary
+
+    ok = TokenDataset(torch.randint(0, 100, (4, 8)), torch.ones(4, 8, dtype=torch.long), [0, 1, 0, 1])
+    check_vocabulary([ok], 100, "llama_tiny", None)
+    bad = TokenDataset(torch.tensor([[5, 32001]]), torch.ones(1, 2, dtype=torch.long), [0])
+    with pytest.raises(ValueError, match=r"token id 32001, but llama_tiny's embedding has 32000 rows .*"
+                                         r"--data.tokenizer"):
+        check_vocabulary([bad], 32000, "llama_tiny", "tok.json")
+    real = text_data.digits_tokens
+    monkeypatch.setattr(text_data, "digits_tokens", lambda: TokenDataset(
+        real().input_ids + 10 ** 6, real().attention_mask, real().targets))
+    with pytest.raises(ValueError, match=r"token id 100001\d, but llama_tiny's embedding"):
+        run_cli("fit", "--config", "configs/models/llama_tiny.yaml", "--config", "configs/data/digits_tokens.yaml",
+                "--model.method", "asi", "--model.ranks", "2", "--trainer.max_epochs", "1",
+                "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                "--trainer.num_sanity_val_steps", "0", tiny=False)
+
+
+def test_a_resolution_given_for_token_data_is_said_to_do_nothing_and_keeps_run_names():
+    """Issue 22: --data.resolution changed a token-data run's name although it is ignored. Run names are a
+    contract (runs made with it keep their directories), so it stays in the name, and the user is told."""
+    from classification.data import ClassificationData
+    from classification.rundir import run_settings
+
+    with pytest.warns(UserWarning, match="--data.resolution 64 does nothing for the text dataset 'digits_tokens'"):
+        ClassificationData(name="digits_tokens", resolution=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ClassificationData(name="digits_tokens")
+    assert run_settings({}, {"name": "digits_tokens", "resolution": 64}, 0) != \
+        run_settings({}, {"name": "digits_tokens", "resolution": 224}, 0)
