@@ -58,6 +58,14 @@ class CompressedLayer:
     def forward(self, x):
         if not self._compressing():
             return self.plain_forward(x)
+        return self._train_forward(x)
+
+    # torch.compile: the method's training step runs eagerly (a graph break around each patched layer; the rest of
+    # the model compiles). Its subspace iteration reads and updates the warm-start buffers, whose shapes are set by
+    # the first call, and a custom autograd Function holding Python state: neither traces (a compiled first step
+    # stopped at buf.copy_, inductor on the factors' shapes).
+    @torch.compiler.disable
+    def _train_forward(self, x):
         self.check_input(x)
         return self.method.train_forward(self, x)
 
