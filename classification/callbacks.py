@@ -15,6 +15,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 import asi_core
@@ -128,9 +129,28 @@ class RunStatus(pl.Callback):
     CLI writes "running" when a fit starts and "finished" or "diverged" when it ends."""
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        try:  # the first error is the one to keep: a failing write here must not replace it
             write_metrics(trainer.default_root_dir, {"status": "interrupted", "global_step": trainer.global_step,
-                                                     "interrupted_by": type(exception).__name__})
+                                                     "interrupted_by": type(exception).__name__,
+                                                     "error": f"{type(exception).__name__}: {exception}"[:1000]})
+        except Exception as err:  # (the disk that refused the checkpoint may refuse this too)
+            rank_zero_warn(f"could not record the interruption in {trainer.default_root_dir}/metrics.json ({err}); "
+                           f"the fit stopped on {type(exception).__name__}: {exception}")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """last.ckpt at every epoch end and at an interruption. A write that fails while the fit is already stopping (a
+    full disk refusing the checkpoint again) is said, and the error that stopped the fit is the one raised (it was
+    replaced by the second failure); the previous last.ckpt stays whole (atomic writes)."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        try:
+            super().on_exception(trainer, pl_module, exception)
+        except Exception as err:
+            rank_zero_warn(f"last.ckpt could not be written at the interruption ({type(err).__name__}: {err}); the "
+                           f"previous one is kept. The fit stopped on {type(exception).__name__}: {exception}")
 
 
 class ResourceAccounting(pl.Callback):

@@ -51,7 +51,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from . import families  # noqa: F401  every model, dataset and task registered
-from .callbacks import AtomicCheckpointIO, ExactResume, LastAtValidation, ResourceAccounting, RunStatus, WeightsDigest
+from .callbacks import AtomicCheckpointIO, ExactResume, LastAtValidation, LastCheckpoint, ResourceAccounting, RunStatus, WeightsDigest
 from .data import ClassificationData, check_data_options, input_shape_of, num_classes_of
 from .lifecycle import (Run, RunRefused, checkpoint_provenance, file_sha256,  # noqa: F401 (re-exported)
                         setup_b_checkpoint)
@@ -353,9 +353,9 @@ class ASICLI(LightningCLI):
                                        enable_version_counter=False))
             # last.ckpt: the state at the end of every training epoch (after the epoch is complete, so a resume
             # starts the next epoch) and at an interruption (SIGTERM, Ctrl-C, an exception), whatever val/acc did
-            out.append(ModelCheckpoint(dirpath=ckdir, filename="last", monitor=None, save_top_k=1,
-                                       save_on_train_epoch_end=True, save_on_exception=True,
-                                       enable_version_counter=False))
+            out.append(LastCheckpoint(dirpath=ckdir, filename="last", monitor=None, save_top_k=1,
+                                      save_on_train_epoch_end=True, save_on_exception=True,
+                                      enable_version_counter=False))
             # ... and after every validation, so that a step-based run (the segmentation recipe: one long epoch,
             # validation every --trainer.val_check_interval steps) killed mid-epoch loses at most that many steps;
             # it resumes exactly from there (callbacks.ExactResume)

@@ -323,3 +323,25 @@ def test_ckpt_path_last_on_a_run_killed_before_its_first_checkpoint_starts_it_ag
     assert proc.returncode == -9
     run = run_cli("fit", *args, "--exp_name", "early", "--ckpt_path", "last", tiny=False).run_dir
     assert metrics(run)["status"] == "finished" and metrics(run)["global_step"] == 6
+
+
+def test_a_failed_checkpoint_write_marks_the_run_with_the_first_error(run_cli, tmp_path, monkeypatch):
+    """Issue 22: with a full disk the run stayed "running" and the error shown was the second failure (the
+    checkpoint written again at the interruption)."""
+    import errno
+
+    import classification.callbacks as callbacks
+
+    failures = []
+
+    def full(self, checkpoint, path, storage_options=None):
+        failures.append(path)
+        raise OSError(errno.ENOSPC, f"No space left on device (write {len(failures)})", str(path))
+
+    monkeypatch.setattr(callbacks.AtomicCheckpointIO, "save_checkpoint", full)
+    with pytest.warns(UserWarning, match=r"last.ckpt could not be written at the interruption .*write 2"):
+        with pytest.raises(OSError, match=r"write 1\)"):
+            run_cli("fit", *ASI, "--exp_name", "full", "--trainer.max_epochs", "2")
+    m = metrics(run_path(tmp_path, "full"))
+    assert len(failures) == 2 and m["status"] == "interrupted" and m["interrupted_by"] == "OSError"
+    assert "No space left on device (write 1)" in m["error"]
