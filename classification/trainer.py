@@ -82,10 +82,14 @@ class MeasureOptions:
     full_rank_factors: bool = False
 
 
-def _sample_size(datamodule) -> tuple[Optional[int], int]:
-    """(tokens per sample for a text dataset else None, the size the benchmark builds inputs of)."""
+def _sample_size(datamodule, model=None) -> tuple[Optional[int], int]:
+    """(tokens per sample for a text dataset or a language model, else None; the size the benchmark builds inputs
+    of). A language model profiled with an image dataset configured takes --data.max_length tokens (not the
+    image resolution, which it used to)."""
     shape = input_shape_of(datamodule.batch_size, datamodule.resolution, datamodule.name, datamodule.max_length)
     tokens = shape[1] if len(shape) == 2 else None  # text: (batch, tokens)
+    if tokens is None and getattr(getattr(model, "net", None), "is_language_model", False):
+        tokens = datamodule.max_length
     return tokens, datamodule.resolution if tokens is None else tokens
 
 
@@ -115,7 +119,7 @@ class ASITrainer(Trainer):
         """
         from .resources import profile_report
 
-        tokens, _ = _sample_size(datamodule)
+        tokens, _ = _sample_size(datamodule, model)
         out = profile_report(model, datamodule.batch_size, datamodule.resolution, device, max_length=tokens)
         print(json.dumps(out), flush=True)
         self.profile_result = out
@@ -136,7 +140,7 @@ class ASITrainer(Trainer):
 
         b = benchmark
         names = [m.strip() for m in b.methods.split(",")] if isinstance(b.methods, str) else list(b.methods)
-        _, size = _sample_size(datamodule)
+        _, size = _sample_size(datamodule, model)
         out = benchmark_models(self.model_args, names, datamodule.batch_size, size, steps=b.steps, warmup=b.warmup,
                                per_layer=b.per_layer, device=b.device)
         print(json.dumps(out), flush=True)

@@ -390,3 +390,10 @@ def test_a_resolution_given_for_token_data_is_said_to_do_nothing_and_keeps_run_n
         ClassificationData(name="digits_tokens")
     assert run_settings({}, {"name": "digits_tokens", "resolution": 64}, 0) != \
         run_settings({}, {"name": "digits_tokens", "resolution": 224}, 0)
+
+
+def test_profile_of_a_language_model_takes_max_length_tokens_whatever_dataset_is_configured(run_cli):
+    """With no text dataset configured (the default digits), the token count was --data.resolution's."""
+    out = run_cli("profile", "--config", "configs/models/llama_tiny.yaml", "--data.max_length", "40",
+                  "--data.batch_size", "2", "--trainer.logger", "false", tiny=False).profile_result
+    assert out["max_length"] == 40 and out["layers"][0]["input_shape"][:2] == [2, 40]
