@@ -397,3 +397,12 @@ def test_profile_of_a_language_model_takes_max_length_tokens_whatever_dataset_is
     out = run_cli("profile", "--config", "configs/models/llama_tiny.yaml", "--data.max_length", "40",
                   "--data.batch_size", "2", "--trainer.logger", "false", tiny=False).profile_result
     assert out["max_length"] == 40 and tuple(out["layers"][0]["input_shape"][:2]) == (2, 40)
+
+
+def test_shape_only_profile_runs_when_a_rank_reaches_a_modes_size(run_cli):
+    """Issue 22: with --data.batch_size 4 and rank 4 the batch mode is full rank (no factor kept), and the shape-only
+    profile stopped at buf.resize_(0) in FakeTensorMode."""
+    out = run_cli("profile", "--config", "configs/models/llama_tiny.yaml", "--model.method", "asi",
+                  "--model.ranks", "4", "--data.batch_size", "4", "--data.max_length", "16", "--trainer.logger",
+                  "false", tiny=False).profile_result
+    assert out["shape_only"] is True and out["measured_activation_mib"] > 0
