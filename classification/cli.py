@@ -498,3 +498,9 @@ def cli_main(args: Optional[list[str]] = None, cli_class: type[ASICLI] = ASICLI)
         print("fit stopped by SIGTERM; the state at the stop is in the run's checkpoints/last.ckpt: continue with "
               "the same command and --ckpt_path last (or --resume true)", file=sys.stderr)
         raise SystemExit(143)
+
+
+def main() -> None:
+    """The ``asi-finetune`` console command (pyproject's ``[project.scripts]``): ``python main.py``'s command line,
+    exiting 0 on success (cli_main returns the CLI object, which a console script would print as an error)."""
+    cli_main()

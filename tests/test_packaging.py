@@ -83,3 +83,16 @@ def test_the_wheel_holds_every_package_and_imports_from_where_it_is_installed(tm
     assert len(files) == 3 and registered == "True"
     for f in files:
         assert Path(f).resolve().is_relative_to(site.resolve()), f"{f} is not the installed copy under {site}"
+
+    # the console entry point runs the command line from anywhere, configs given by path (issue 24)
+    with zipfile.ZipFile(wheel) as zf:
+        entry_points = next(zf.read(n).decode() for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt"))
+    assert "asi-finetune = classification.cli:main" in entry_points
+    script = site / "bin" / "asi-finetune"
+    assert script.is_file()
+    run = subprocess.run([sys.executable, str(script), "profile", "--config", str(REPO / "configs/models/mcunet.yaml"),
+                          "--data.resolution", "32", "--data.batch_size", "2", "--trainer.logger", "false"],
+                         cwd=tmp_path, env={**env, "PYTHONPATH": str(site)}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert '"model": "mcunet"' in run.stdout.strip().splitlines()[-1]
