@@ -150,14 +150,27 @@ def time_weight_gradients(nets: dict, x, y, loss_fn, steps: int = 5, device=torc
     return out
 
 
+COMPILED = "+compile"  # a method's name with this suffix: its network under torch.compile (--benchmark.compile)
+
+
 def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, resolution: int, steps: int = 5,
-                     warmup: int = 1, per_layer: bool = False, device: str = "auto", progress: bool = True) -> dict:
+                     warmup: int = 1, per_layer: bool = False, device: str = "auto", progress: bool = True,
+                     compile: bool = False) -> dict:
     """``main.py benchmark``: one ClassificationModel per method from the same --model arguments (random
-    weights), timed by :func:`run_benchmark`. Returns the JSON object the command prints."""
+    weights), timed by :func:`run_benchmark`. ``compile``: each method also as METHOD+compile, its network under
+    ``torch.compile`` (compiled during the warm-up steps: give ``warmup`` >= 1). Returns the JSON object the
+    command prints."""
     from .finetune import user_option_defaults
     from .model import MODEL_METHODS, ClassificationModel
 
-    unknown = [m for m in methods if m.partition("+")[0] not in MODEL_METHODS or m.partition("+")[2] not in VARIANTS]
+    if compile and per_layer:
+        raise ValueError("--benchmark.compile times whole steps; time the per-layer weight gradients "
+                         "(--benchmark.per_layer) without it")
+    if compile and warmup < 1:
+        raise ValueError("--benchmark.compile needs --benchmark.warmup >= 1 (the first step compiles)")
+    methods = [*methods, *(f"{m}{COMPILED}" for m in methods)] if compile else list(methods)
+    base = [m[:-len(COMPILED)] if m.endswith(COMPILED) else m for m in methods]
+    unknown = [m for m in base if m.partition("+")[0] not in MODEL_METHODS or m.partition("+")[2] not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown} in --benchmark.methods; valid: {list(MODEL_METHODS)}, each "
                          f"optionally with +checkpointing, +recompute, +micro, +approx or +approx+recompute (e.g. "
@@ -167,6 +180,8 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
     args.update(pretrained=False, checkpoint=None)
 
     def build(name):
+        if name.endswith(COMPILED):
+            return torch.compile(build(name[:-len(COMPILED)]))
         method, _, variant = name.partition("+")  # "asi", "vanilla+checkpointing", "asi+micro", "asi+approx+recompute"
         approx = variant.startswith("approx")
         flags = {"checkpointing": variant == "checkpointing" or (not variant and bool(args.get("checkpointing"))),
@@ -188,7 +203,7 @@ def benchmark_models(model_args: dict, methods: Sequence[str], batch_size: int, 
                            loss_fn=lambda out, y: first["module"].criterion(out, y),
                            make_batch=lambda: first["module"].random_batch(batch_size, resolution))
     config = {"model": args.get("backbone"), "num_finetune": args.get("num_finetune"), "batch_size": batch_size,
-              "resolution": resolution, "steps": steps, "warmup": warmup, "device": str(device),
+              "resolution": resolution, "steps": steps, "warmup": warmup, "device": str(device), "compile": compile,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "options": {**{k: args.get(k) for k in user_option_defaults()}, "lean": args.get("lean")}}
     return {"config": config, **result}

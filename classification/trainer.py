@@ -47,6 +47,8 @@ class BenchmarkOptions:
         warmup: Untimed steps per method first.
         per_layer: Also time each fine-tuned layer's weight-gradient computation alone.
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+        compile: Also time every method with its network under torch.compile (METHOD+compile; the warm-up steps
+            compile it; the patched layers' training step runs eagerly inside: docs/asi_core_api.md).
     """
 
     methods: Union[List[str], str] = "vanilla,gradfilter,hosvd,asi"
@@ -54,6 +56,7 @@ class BenchmarkOptions:
     warmup: int = 1
     per_layer: bool = False
     device: str = "auto"
+    compile: bool = False
 
 
 @dataclass
@@ -142,7 +145,7 @@ class ASITrainer(Trainer):
         names = [m.strip() for m in b.methods.split(",")] if isinstance(b.methods, str) else list(b.methods)
         _, size = _sample_size(datamodule, model)
         out = benchmark_models(self.model_args, names, datamodule.batch_size, size, steps=b.steps, warmup=b.warmup,
-                               per_layer=b.per_layer, device=b.device)
+                               per_layer=b.per_layer, device=b.device, compile=b.compile)
         print(json.dumps(out), flush=True)
         self.benchmark_result = out
 

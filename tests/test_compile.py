@@ -35,3 +35,14 @@ def test_a_patched_model_compiled_before_its_first_step_trains_as_the_eager_one(
                 assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), (step, name)
     for a, b in zip(net.buffers(), eager.buffers()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_times_each_method_compiled_beside_eager():
+    from classification.benchmark import benchmark_models
+
+    args = {"backbone": "mcunet", "num_finetune": 2, "num_classes": 10, "pretrained": False, "ranks": 2}
+    out = benchmark_models(args, ["asi"], 4, 32, steps=1, warmup=1, progress=False, compile=True)
+    assert set(out["methods"]) == {"asi", "asi+compile"} and out["config"]["compile"] is True
+    assert all(v["step_s"] > 0 for v in out["methods"].values())
+    with pytest.raises(ValueError, match="--benchmark.warmup >= 1"):
+        benchmark_models(args, ["asi"], 4, 32, steps=1, warmup=0, progress=False, compile=True)
