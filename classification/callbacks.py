@@ -72,8 +72,13 @@ class ExactResume(pl.Callback):
     - a checkpoint written at the end of an epoch is loaded as a completed epoch. (Lightning resumes such a
       checkpoint as "restarted on epoch end" when ``max_steps`` is set, and then skips the next epoch: a run with
       max_epochs 3, max_steps 300 and 15 batches per epoch, killed in epoch 1, ended at step 30, not 45);
-    - resumed mid-epoch, the sampler leaves out the samples of the batches already trained (Lightning cannot resume
-      a plain DataLoader's position and would start the epoch's order again)."""
+    - the data module's training loader is made at the epoch resumed and, resumed mid-epoch, leaves out the samples
+      of the batches already trained (Lightning cannot resume a plain DataLoader's position and would start the
+      epoch's order again; its worker processes prefetch as soon as the iterator exists, before any epoch hook).
+
+    Not exact: under DDP (Lightning replaces the sampler with a DistributedSampler), and a SIGTERM in the middle of
+    a gradient-accumulation window (--trainer.accumulate_grad_batches: the partial gradients are not in the
+    checkpoint)."""
 
     KEY = "asi_rng_states"
 
@@ -94,16 +99,22 @@ class ExactResume(pl.Callback):
             if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states["cuda"])
         complete_ended_epoch(checkpoint)
+        position = resume_position(checkpoint)
+        datamodule = getattr(trainer, "datamodule", None)
+        if position is not None and hasattr(datamodule, "resume_position"):
+            datamodule.resume_position = position  # its training loader starts there (data.EpochSampler)
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        # (Lightning calls no on_train_epoch_start for the epoch it resumes in the middle of)
-        if not trainer.fit_loop.restarted_mid_epoch:
-            return
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        loaders = getattr(trainer.train_dataloader, "flattened", [trainer.train_dataloader])
-        for loader in loaders:
-            if hasattr(getattr(loader, "sampler", None), "skip") and loader.batch_size:
-                loader.sampler.skip(done * loader.batch_size)
+
+def resume_position(checkpoint: dict) -> Optional[tuple[int, int]]:
+    """(the epoch a fit resumed from ``checkpoint`` trains next or continues, the batches of it already trained)."""
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches:
+        return None
+    current = epochs["current"]
+    if current["started"] > current["processed"]:  # stopped inside an epoch
+        return current["processed"], batches["current"]["completed"]
+    return current["processed"], 0
 
 
 def complete_ended_epoch(checkpoint: dict) -> bool:

@@ -294,19 +294,23 @@ class EpochSampler(torch.utils.data.RandomSampler):
 
     def __init__(self, data_source, seed: int = 0):
         super().__init__(data_source, generator=torch.Generator())
-        self.seed, self.epoch, self._skip = int(seed), 0, 0
+        self.seed, self.epoch, self._skip = int(seed), 0, None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
 
-    def skip(self, n: int) -> None:
-        self._skip = int(n)
+    def skip(self, n: int, epoch: int) -> None:
+        """The next pass over ``epoch`` (only that epoch's: a skip never reaches another) starts after its first
+        ``n`` samples."""
+        self._skip = (int(epoch), int(n))
 
     def __iter__(self):
-        skip, self._skip = self._skip, 0
-        base = (self.seed * 1_000_003 + self.epoch) * 1_000_033
+        skip = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            skip, self._skip = self._skip[1], None
+        base = (self.seed * 1_000_003 + self.epoch) * (2 ** 31 - 1)  # > any dataset's length: no seed repeats
         for position, index in enumerate(super().__iter__()):
             if position >= skip:
                 yield index, (base + index) % 2 ** 63
@@ -324,8 +328,8 @@ class SeededSamples(Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getattr__(self, name):  # the wrapped dataset's attributes (targets, classes ...)
-        if name == "dataset":
+    def __getattr__(self, name):  # the wrapped dataset's attributes (targets, classes ...), never its protocols
+        if name == "dataset" or name.startswith("__"):  # (a forwarded __getitems__ would get (index, seed) keys)
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -335,7 +339,7 @@ class SeededSamples(Dataset):
         index, seed = key
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only (manual_seed reseeds CUDA's too)
             random.seed(seed)
             np.random.seed(seed % 2 ** 32)
             try:
@@ -447,6 +451,7 @@ class ClassificationData(pl.LightningDataModule):
         self.augment = augment
         self.max_length, self.tokenizer = max_length, tokenizer
         self.run_dir: Optional[Path] = None  # set by the CLI; setup B writes partition.json there
+        self.resume_position: Optional[tuple[int, int]] = None  # (epoch, batches done): callbacks.ExactResume
         self.partition: Optional[tuple[list[int], list[int]]] = None
         self.partition_source: Optional[str] = None
         self._built = False
@@ -526,6 +531,14 @@ class ClassificationData(pl.LightningDataModule):
         batch_size = self.batch_size if shuffle or self.spec.eval_batch_size is None else self.spec.eval_batch_size
         seed = torch.initial_seed() % 2**31  # seed_everything's seed
         sampler = EpochSampler(ds, seed) if shuffle else None
+        if sampler is not None and self.resume_position is not None:
+            # a resumed fit (callbacks.ExactResume): the epoch it resumes in and the batches of it already trained,
+            # set before Lightning makes the loader's iterator (its workers prefetch at once)
+            epoch, done = self.resume_position
+            self.resume_position = None
+            sampler.set_epoch(epoch)
+            if done:
+                sampler.skip(done * batch_size, epoch)
         # training: each sample's augmentation from its own seed, the workers' seeds from the loader's own generator:
         # loading data draws nothing from the global RNG (exact resume at any step: callbacks.ExactResume)
         return DataLoader(SeededSamples(ds) if shuffle else ds, batch_size=batch_size, sampler=sampler,

@@ -192,9 +192,10 @@ class Run:
         an interrupted run that has no checkpoint to resume from."""
         if ckpt_path == "last":
             ckpt_path = str(self.last) if self.last.is_file() else None
-            if ckpt_path is None and self.has_run():  # killed before its first checkpoint: as --resume (a run
-                resume = True                         # with nothing to continue from starts again)
-            elif ckpt_path is None:
+            checkpoints = list((self.path / "checkpoints").glob("*.ckpt")) if ckpt_path is None else []
+            if ckpt_path is None and self.has_run() and not checkpoints and not overwrite:
+                resume = True  # killed before its first checkpoint: as --resume (nothing to continue from: it starts
+            elif ckpt_path is None:  # again); a run with other checkpoints (best.ckpt, the user's) is refused below
                 _say(f"--ckpt_path last: {self.path} has no checkpoints/last.ckpt yet; starting the run")
         if overwrite and resume:
             raise RunRefused("--overwrite true (redo the run) and --resume true (continue it) exclude each other")
@@ -320,4 +321,9 @@ class Run:
                  f"--exp_name), or --ckpt_path")
         elif ckpt_path not in ("best", "last"):
             self.check_checkpoint(Path(ckpt_path), "--ckpt_path", data_too=False)
+            owner = checkpoint_run(Path(ckpt_path))
+            if owner is not None and owner.resolve() != self.path.resolve() and self.has_run():
+                raise RunRefused(f"--ckpt_path {ckpt_path} belongs to the run {owner}, but this command's results go "
+                                 f"to the run {self.path}, which would then hold another run's scores. Evaluate it in "
+                                 f"its own run (its settings: --config {owner}/config.yaml, or its --exp_name)")
         return ckpt_path

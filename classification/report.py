@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterable, List, Literal, Optional, Sequence, Union
 
 from .finetune import LoRA, naming_options
-from .rundir import run_settings
+from .rundir import TRAINER_RESULT_KEYS, run_settings
 
 __all__ = ["collect", "format_table", "pareto_plots", "report", "CSV_COLUMNS"]
 
@@ -132,12 +132,13 @@ def _dict(value) -> dict:
 
 def _configuration(model_args: dict, data_args: dict, stored: dict, settings: dict) -> dict:
     """What defines a run's result except its seed, the same for runs written before and after ``run_settings``
-    existed: the named model and data options (rundir.run_settings' rules) and the epochs."""
+    existed: the named model and data options (rundir.run_settings' rules) and the trainer settings that change a
+    result (rundir.TRAINER_RESULT_KEYS: epochs, steps, precision, accumulation, clipping, ...), those set."""
     named = run_settings(model_args, data_args, None)
-    trainer = _dict(stored.get("trainer"))
+    trainer = _dict(stored.get("trainer")) or {"max_epochs": settings.get("max_epochs")}
     return {"model": named["model"], "data": named["data"],
-            "max_epochs": trainer.get("max_epochs", settings.get("max_epochs")),
-            "max_steps": trainer.get("max_steps", -1) if trainer.get("max_steps") is not None else -1}
+            "trainer": {k: v for k, v in sorted(trainer.items()) if k in TRAINER_RESULT_KEYS and v is not None
+                        and not (k == "max_steps" and v == -1)}}
 
 
 def _row(path: Path, data: dict, flops: str) -> Optional[dict]:
@@ -343,8 +344,9 @@ def _flat(config: dict, prefix: str = "") -> dict:
 
 def _name_differences(rows: list[dict]) -> None:
     """Rows of one label and #layers that are different configurations (other layers, include, budget, epochs,
-    data...) are never merged: each says where it differs from the most common configuration of the group (ties:
-    the first run directory's), e.g. ``ASI`` and ``ASI [budget=0.5]``."""
+    data, trainer settings...) are never merged: each says where it differs from the most common configuration of
+    the group (ties: an unset option's default, else the first run directory's), e.g. ``ASI`` and
+    ``ASI [budget=0.5]``."""
     by_label: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         by_label[_label_key(r)].append(r)
@@ -356,10 +358,11 @@ def _name_differences(rows: list[dict]) -> None:
         as_text = [{k: json.dumps(v, default=str) for k, v in f.items()} for f in flats]
         keys = sorted({k for f in as_text for k in f})
         common = {}
-        for k in keys:
-            counts = Counter(f.get(k) for f in as_text)
+        for k in keys:  # the most common value; among equally common ones, unset (the default) if one is, else
+            counts = Counter(f.get(k) for f in as_text)  # the first run directory's
             best = max(counts.values())
-            common[k] = next(f.get(k) for f in as_text if counts[f.get(k)] == best)
+            tied = [f.get(k) for f in as_text if counts[f.get(k)] == best]
+            common[k] = next((v for v in tied if v in (None, "null")), tied[0])
         for r, f, t in zip(group, flats, as_text):
             shown = ", ".join(f"{k.split('.', 1)[-1]}={f.get(k)}" for k in keys if t.get(k) != common[k])
             if shown:

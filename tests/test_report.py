@@ -274,3 +274,19 @@ def test_a_killed_run_is_named_from_its_start_settings_and_its_status_shown(tmp_
     assert row["label"] == "ASI" and row["status"] == "interrupted"
     assert "| ASI | 2 | – (interrupted) |" in format_table([row], "md")
     assert "interrupted" in format_table([row], "csv").splitlines()[1]
+
+
+def test_runs_that_differ_in_a_trainer_setting_are_rows_of_their_own(tmp_path):
+    """A review found fp32 and bf16-mixed runs (or other accumulation, clipping ...) merged as re-runs."""
+    src = FIXTURES / "setupB" / "mcunet" / "imagenet" / "asi" / "l2_budget_hosvd0.8"
+    root = tmp_path / "runs" / "setupB" / "mcunet" / "imagenet" / "asi"
+    base = json.loads((src / "metrics.json").read_text())
+    for name, precision, acc in (("l2_fp32", None, 0.60), ("l2_bf16", "bf16-mixed", 0.58)):
+        data = {**base, "val_acc": acc, "run_settings": {
+            "model": base["settings"]["model_args"], "data": base["settings"]["data_args"], "seed": 0,
+            "trainer": {"max_epochs": 90, "max_steps": -1, "precision": precision}}}
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.json").write_text(json.dumps(data))
+    rows = collect(tmp_path / "runs", warn=lambda msg: None)
+    assert len(rows) == 2 and not any(r["superseded"] for r in rows)
+    assert sorted(r["label"] for r in rows) == ["ASI", "ASI [precision=bf16-mixed]"]

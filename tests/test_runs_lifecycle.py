@@ -257,15 +257,17 @@ def test_fit_writes_its_checkpoints_atomically(run_cli, tmp_path):
 def _killed(tmp_path, exp: str, step: int, sig: str, args) -> subprocess.CompletedProcess:
     env = {**os.environ, "ASI_CKPT_DIR": str(tmp_path / "ckpts"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    killer = json.dumps([{"class_path": "killer.KillAt", "init_args": {"step": step, "sig": sig}}])
+    killer = json.dumps([{"class_path": "killer.KillAt", "init_args": {"step": step, "sig": sig}} if step >= 0 else
+                         {"class_path": "killer.KillInValidation", "init_args": {"epoch": -step - 1, "sig": sig}}])
     cmd = [sys.executable, "main.py", "fit", *args, "--exp_name", exp, "--run_root", str(tmp_path / "runs"),
            "--trainer.callbacks", killer]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _same_as_uninterrupted(run_cli, tmp_path, args, step, sig, rc, planned):
-    """The uninterrupted run, the same command killed by ``sig`` at ``step`` and resumed with --ckpt_path last:
-    the same final step, weights, buffers and optimiser state."""
+    """The uninterrupted run, the same command killed by ``sig`` at ``step`` (a negative step -e-1: in the
+    end-of-epoch validation of epoch e) and resumed with --ckpt_path last: the same final step, weights, buffers and
+    optimiser state."""
     ref = run_cli("fit", *args, "--exp_name", "ref", tiny=False).run_dir
     proc = _killed(tmp_path, "killed", step, sig, args)
     assert proc.returncode == rc, proc.stderr[-3000:]
@@ -282,13 +284,20 @@ def _same_as_uninterrupted(run_cli, tmp_path, args, step, sig, rc, planned):
 CNN = [*ASI, *TINY, "--data.augment", "standard"]  # random crops and flips: the data's random state matters
 
 
-@pytest.mark.parametrize("sig,step,rc", [("SIGKILL", 4, -9), ("SIGTERM", 4, 143)])
+@pytest.mark.parametrize("sig,step,rc", [("SIGKILL", 4, -9), ("SIGTERM", 4, 143), ("SIGTERM", -1, 143)])
 def test_epochs_and_steps_bounded_cnn_resumes_exactly_after_a_kill_or_a_stop(run_cli, tmp_path, sig, step, rc):
     """max_epochs 3 + max_steps 300 + 3 batches an epoch: killed in epoch 1, the resumed run ended at step 6 instead
     of 9 (Lightning skipped an epoch); stopped mid-epoch by SIGTERM, it ended with other weights (the epoch's
     order restarted, the random state not restored)."""
     args = [*CNN, "--trainer.max_epochs", "3", "--trainer.max_steps", "300"]
     _same_as_uninterrupted(run_cli, tmp_path, args, step, sig, rc, planned=9)
+
+
+def test_a_loader_with_worker_processes_resumes_exactly_mid_epoch(run_cli, tmp_path):
+    """Worker processes prefetch as soon as Lightning makes the loader's iterator, before any epoch hook: the
+    loader is made at the resumed epoch and position (a review found epoch 0's order replayed)."""
+    args = [*CNN, "--trainer.max_epochs", "3", "--data.num_workers", "2"]
+    _same_as_uninterrupted(run_cli, tmp_path, args, 4, "SIGTERM", 143, planned=9)
 
 
 def test_steps_bounded_cnn_with_a_step_schedule_resumes_exactly(run_cli, tmp_path):
@@ -323,6 +332,25 @@ def test_ckpt_path_last_on_a_run_killed_before_its_first_checkpoint_starts_it_ag
     assert proc.returncode == -9
     run = run_cli("fit", *args, "--exp_name", "early", "--ckpt_path", "last", tiny=False).run_dir
     assert metrics(run)["status"] == "finished" and metrics(run)["global_step"] == 6
+    # a run that has other checkpoints (best.ckpt, the user's) but no last.ckpt is never cleared by it
+    (run / "checkpoints" / "last.ckpt").unlink()
+    with open(run / "metrics.json") as f:
+        data = json.load(f)
+    (run / "metrics.json").write_text(json.dumps({**data, "status": "interrupted"}))
+    with pytest.raises(SystemExit):
+        run_cli("fit", *args, "--exp_name", "early", "--ckpt_path", "last", tiny=False)
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_evaluating_another_runs_checkpoint_never_writes_into_a_third_run(run_cli, tmp_path, capsys):
+    """A checkpoint accepted for evaluation (only a training option differs) must not put its scores into the
+    command's own, different run (a review found them written into it)."""
+    a = run_cli("fit", *ASI, "--exp_name", "a").run_dir
+    run_cli("fit", *ASI, "--exp_name", "b", "--model.lr", "0.01")
+    err = error_of(run_cli, capsys, "test", *ASI, "--exp_name", "b", "--model.lr", "0.01", "--ckpt_path",
+                   str(a / "checkpoints" / "best.ckpt"))
+    assert f"belongs to the run {a}" in err and "would then hold another run's scores" in err
 
 
 def test_a_failed_checkpoint_write_marks_the_run_with_the_first_error(run_cli, tmp_path, monkeypatch):
