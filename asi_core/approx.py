@@ -43,6 +43,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .lean import _storage_key  # one notion of "the same memory" with the meters
+
 __all__ = ["DerivativeTable", "GELU_2BIT", "GELU_TANH_2BIT", "SILU_2BIT", "RELU_1BIT", "step_derivative",
            "register_activation", "approximate_activations", "restore_activations", "pack_codes", "unpack_codes",
            "quantize", "dequantize", "SavedCompressor", "keep_exact", "compress_saved", "uncompress_saved",
@@ -312,13 +314,6 @@ def keep_exact(*tensors: torch.Tensor) -> None:
         if isinstance(t, torch.Tensor):
             key = id(t)
             _EXACT[key] = weakref.ref(t, lambda ref, key=key: _unmark(key, ref))
-
-
-def _storage_key(t: torch.Tensor):
-    st = t.untyped_storage()
-    if t.is_meta or isinstance(t, FakeTensor):
-        return "shape-only", st._cdata
-    return str(t.device), st.data_ptr()
 
 
 class _Plain:

@@ -279,6 +279,7 @@ def _same_as_uninterrupted(run_cli, tmp_path, args, step, sig, rc, planned):
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     assert str(a["optimizer_states"]) == str(b["optimizer_states"]) and a["lr_schedulers"] == b["lr_schedulers"]
+    return r, m
 
 
 CNN = [*ASI, *TINY, "--data.augment", "standard"]  # random crops and flips: the data's random state matters
@@ -290,19 +291,22 @@ def test_epochs_and_steps_bounded_cnn_resumes_exactly_after_a_kill_or_a_stop(run
     of 9 (Lightning skipped an epoch); stopped mid-epoch by SIGTERM, it ended with other weights (the epoch's
     order restarted, the random state not restored)."""
     args = [*CNN, "--trainer.max_epochs", "3", "--trainer.max_steps", "300"]
-    _same_as_uninterrupted(run_cli, tmp_path, args, step, sig, rc, planned=9)
+    ref, resumed = _same_as_uninterrupted(run_cli, tmp_path, args, step, sig, rc, planned=9)
+    assert resumed["weights_digests"] == ref["weights_digests"] and resumed["resumed_from"].endswith("last.ckpt")
 
 
 def test_a_loader_with_worker_processes_resumes_exactly_mid_epoch(run_cli, tmp_path):
     """Worker processes prefetch as soon as Lightning makes the loader's iterator, before any epoch hook: the
     loader is made at the resumed epoch and position (a review found epoch 0's order replayed)."""
     args = [*CNN, "--trainer.max_epochs", "3", "--data.num_workers", "2"]
-    _same_as_uninterrupted(run_cli, tmp_path, args, 4, "SIGTERM", 143, planned=9)
+    ref, resumed = _same_as_uninterrupted(run_cli, tmp_path, args, 4, "SIGTERM", 143, planned=9)
+    assert resumed["weights_digests"] == ref["weights_digests"] and resumed["resumed_from"].endswith("last.ckpt")
 
 
 def test_steps_bounded_cnn_with_a_step_schedule_resumes_exactly(run_cli, tmp_path):
     args = [*CNN, "--trainer.max_epochs", "-1", "--trainer.max_steps", "7", "--model.scheduler_interval", "step"]
-    _same_as_uninterrupted(run_cli, tmp_path, args, 4, "SIGKILL", -9, planned=7)
+    ref, resumed = _same_as_uninterrupted(run_cli, tmp_path, args, 4, "SIGKILL", -9, planned=7)
+    assert resumed["weights_digests"] == ref["weights_digests"] and resumed["resumed_from"].endswith("last.ckpt")
 
 
 def test_llama_tiny_resumes_exactly(run_cli, tmp_path):
@@ -312,7 +316,8 @@ def test_llama_tiny_resumes_exactly(run_cli, tmp_path):
             "300", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
             "--trainer.enable_progress_bar", "false"]
-    _same_as_uninterrupted(run_cli, tmp_path, args, 4, "SIGTERM", 143, planned=9)
+    ref, resumed = _same_as_uninterrupted(run_cli, tmp_path, args, 4, "SIGTERM", 143, planned=9)
+    assert resumed["weights_digests"] == ref["weights_digests"] and resumed["resumed_from"].endswith("last.ckpt")
 
 
 def test_the_step_based_segmentation_recipe_killed_mid_epoch_resumes_from_its_last_validation(run_cli, tmp_path):
@@ -323,7 +328,8 @@ def test_the_step_based_segmentation_recipe_killed_mid_epoch_resumes_from_its_la
             "--model.method", "asi", "--trainer.max_steps", "8", "--trainer.val_check_interval", "3",
             "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
             "--trainer.enable_model_summary", "false", "--trainer.enable_progress_bar", "false"]
-    _same_as_uninterrupted(run_cli, tmp_path, args, 5, "SIGKILL", -9, planned=8)
+    ref, resumed = _same_as_uninterrupted(run_cli, tmp_path, args, 5, "SIGKILL", -9, planned=8)
+    assert resumed["weights_digests"] == ref["weights_digests"] and resumed["resumed_from"].endswith("last.ckpt")
 
 
 def test_ckpt_path_last_on_a_run_killed_before_its_first_checkpoint_starts_it_again(run_cli, tmp_path, capsys):
