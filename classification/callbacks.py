@@ -55,11 +55,8 @@ class WeightsDigest(pl.Callback):
 
 class LastAtValidation(ModelCheckpoint):
     """last.ckpt written after every validation too (the CLI's other last.ckpt writer saves at epoch ends and at an
-    interruption); a state key of its own, as Lightning needs for two checkpoint callbacks of one configuration."""
-
-    @property
-    def state_key(self) -> str:
-        return f"LastAtValidation{super().state_key}"
+    interruption). A class of its own: Lightning keys a checkpoint callback's state by its class and monitor, and
+    refuses two of one key."""
 
 
 class ExactResume(pl.Callback):
