@@ -495,7 +495,9 @@ class ASI(_LowRank):
                     buf.data = torch.empty(0, dtype=buf.dtype, device=buf.device)
             else:
                 if buf.shape != u.shape or buf.dtype != u.dtype or buf.device != u.device:
-                    buf.data = torch.empty_like(u)
+                    # contiguous, whatever u's strides: a factor loaded from a checkpoint (safetensors stores every
+                    # tensor contiguous) must give the next step bit for bit what the kept one gives
+                    buf.data = torch.empty(u.shape, dtype=u.dtype, device=u.device)
                 buf.copy_(u)
         self.step += 1
         return self._finish(x, core, factors, ranks)
@@ -507,7 +509,8 @@ class ASI(_LowRank):
             key = f"{prefix}factor_{m}"
             if key in state_dict:
                 buf = getattr(self, f"factor_{m}")
-                buf.data = torch.empty_like(state_dict[key], device=buf.device)
+                stored = state_dict[key]
+                buf.data = torch.empty(stored.shape, dtype=stored.dtype, device=buf.device)
         before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
