@@ -8,7 +8,8 @@ costs one HOSVD, not E.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+from collections.abc import Mapping
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -18,9 +19,10 @@ from .decompose import eps_rank, project_core
 from .patch import candidate_layers
 from .tensor import unfold
 
-__all__ = ["SCHEMA_VERSION", "measure_perplexity", "hosvd_all_eps"]
+__all__ = ["SCHEMA_VERSION", "PAPER_EPSILONS", "measure_perplexity", "hosvd_all_eps", "choose_ranks", "default_loss"]
 
 SCHEMA_VERSION = 1
+PAPER_EPSILONS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # App. B.1 "Rank Selection"
 MIB = 2 ** 20
 
 
@@ -147,3 +149,65 @@ def measure_perplexity(model: nn.Module, batches: Iterable, loss_fn: Callable, e
             "perplexity": [p / count for p in s["perplexity"]],
         }
     return table
+
+
+def default_loss(model: nn.Module, batch) -> torch.Tensor:
+    """The loss of one batch when the caller gives none: a mapping (a Hugging Face batch with ``labels``) ->
+    ``model(**batch).loss``; an ``(inputs, targets)`` pair -> cross-entropy of ``model(inputs)``."""
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if loss is None:
+            raise ValueError("the model returned no loss for a batch: give batches with 'labels' or a loss_fn")
+        return loss
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = batch
+        return nn.functional.cross_entropy(model(inputs), targets)
+    raise ValueError(f"cannot compute a loss for a batch of type {type(batch).__name__}: give batches as mappings "
+                     f"with 'labels' (Hugging Face) or (inputs, targets) pairs, or pass loss_fn(model, batch)")
+
+
+def choose_ranks(model: nn.Module, batches: Iterable, budget_mib: Union[float, str],
+                 loss_fn: Optional[Callable] = None, num_finetune=None, layers: Optional[Sequence[str]] = None,
+                 layer_type: str = "conv", include=None, epsilons: Sequence[float] = PAPER_EPSILONS,
+                 measure_on: Optional[Mapping[str, str]] = None) -> dict:
+    """ASI's ranks for the chosen layers under an activation-memory budget, from a few of the caller's own batches:
+    the perplexity table (eq. 7) measured on ``batches``, then the exact budget-constrained selection (eq. 9,
+    :func:`asi_core.ranks.select`). No weight changes.
+
+    ``batches``: an iterable of batches, each handed to ``loss_fn(model, batch) -> scalar loss`` (default
+    :func:`default_loss`: Hugging Face mappings with labels, or ``(inputs, targets)`` pairs). Layers as in
+    :func:`asi_core.patch` (``layers``, or the last ``num_finetune`` of ``layer_type`` matching ``include``).
+    ``budget_mib``: MiB, "min" or "hosvd@<eps>". ``measure_on`` maps a layer to the one measured in its place
+    (same input; :func:`asi_core.patch_lora` measures LoRA's base linears).
+
+    Returns ``{"layers": [names], "ranks": [tuple per layer], "eps": [...], "memory_mib": total (eq. 5, MiB),
+    "budget_mib": the budget in MiB, "table": the perplexity table (perplexity.json's schema)}``; pass
+    ``layers=out["layers"], ranks=out["ranks"]`` to :func:`asi_core.patch`.
+    """
+    from . import ranks as rank_selection
+    from .patch import choose_layers
+
+    names = choose_layers(model, "all" if num_finetune is None and layers is None else num_finetune, layers,
+                          layer_type, include)
+    proxy = {n: (measure_on or {}).get(n, n) for n in names}
+    loss_fn = loss_fn or default_loss
+    count = [0]
+
+    def pairs():
+        for batch in batches:
+            count[0] += 1
+            yield batch, None
+
+    measured = measure_perplexity(model, pairs(), lambda m, batch, _: loss_fn(m, batch), sorted(set(epsilons)),
+                                  layers=list(dict.fromkeys(proxy.values())), layer_type=layer_type)
+    first = measured[proxy[names[0]]]
+    table = {"schema_version": SCHEMA_VERSION, "model": type(model).__name__, "dataset": "",
+             "input_shape": first["input_shape"], "batch_size": first["input_shape"][0],
+             "epsilons": sorted(set(epsilons)), "num_batches": count[0],
+             "layers": {n: measured[proxy[n]] for n in names}}
+    choice = rank_selection.select(table, budget_mib)
+    return {"layers": [c["name"] for c in choice["layers"]],
+            "ranks": [tuple(c["ranks"]) for c in choice["layers"]],
+            "eps": [c["eps"] for c in choice["layers"]],
+            "memory_mib": choice["total_memory_mib"], "budget_mib": choice["budget_mib"], "table": table}

@@ -33,6 +33,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 import asi_core
+from asi_core import perplexity
 from asi_core.perplexity import SCHEMA_VERSION, measure_perplexity
 from asi_core.ranks import load_table, validate_table
 
@@ -41,7 +42,7 @@ from .model import finetune_candidates
 __all__ = ["PAPER_EPSILONS", "PERPLEXITY_FILE", "parse_epsilons", "measure_exp_name", "measurement_settings",
            "full_batches", "run_measure", "plot_table"]
 
-PAPER_EPSILONS = "0.4,0.5,0.6,0.7,0.8,0.9"  # App. B.1 "Rank Selection"
+PAPER_EPSILONS = ",".join(map(str, perplexity.PAPER_EPSILONS))  # App. B.1 "Rank Selection" (asi_core.perplexity)
 PERPLEXITY_FILE = "perplexity.json"
 
 
