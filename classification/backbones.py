@@ -224,6 +224,8 @@ def load_imagenet_weights(name: str, model: nn.Module) -> Path:
             f"copy of {spec.weights_url} there (ckpts/README.md)") from None
     if isinstance(sd, dict) and "state_dict" in sd:  # MCUNet release wraps the weights
         sd = sd["state_dict"]
+    if spec.weights_rename is not None:
+        sd = spec.weights_rename(sd, model)
     model.load_state_dict(sd, strict=True)
     return path
 

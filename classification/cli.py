@@ -37,6 +37,7 @@ parameter typed as a list takes the words before the first option (``report runs
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import warnings
@@ -49,6 +50,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_info
 
 from . import families  # noqa: F401  every model, dataset and task registered
 from .callbacks import AtomicCheckpointIO, ExactResume, LastAtValidation, LastCheckpoint, ResourceAccounting, RunStatus, WeightsDigest
@@ -63,8 +65,11 @@ from .model import ASI_DEFAULT_RANKS, MODEL_METHODS, ClassificationModel, Random
 from .report import report
 from .resources import resolve_device
 from .rundir import exp_name, run_dir, run_settings, settings_hash, write_metrics
-from .registry import DATASETS, MODELS, get_spec
+from .registry import DATASETS, get_spec
 from .trainer import ASITrainer
+
+# --data.resolution left at this default takes a timm/pretrainedmodels backbone's own input size (_derived_options)
+DATA_DEFAULT_RESOLUTION = inspect.signature(ClassificationData.__init__).parameters["resolution"].default
 
 # The paper's recipe (App. B.1) where it is a Trainer setting; every key stays overridable.
 TRAINER_DEFAULTS = {"gradient_clip_val": 2.0, "gradient_clip_algorithm": "norm", "max_epochs": 50,
@@ -190,11 +195,14 @@ class ASICLI(LightningCLI):
         self._subparser().error(msg)
 
     def _check_choices(self, cfg: Namespace) -> None:
-        for what, value, choices in (("model", cfg.model.backbone, MODELS), ("dataset", cfg.data.name, DATASETS),
-                                     ("method", cfg.model.method, MODEL_METHODS)):
+        try:
+            spec = get_spec(cfg.model.backbone)  # a timm:/pretrainedmodels: name is built here (hub_models.py)
+        except ValueError as err:
+            self._error(str(err))
+        for what, value, choices in (("dataset", cfg.data.name, DATASETS), ("method", cfg.model.method, MODEL_METHODS)):
             if value not in choices:
                 self._error(f"Unknown {what} {value!r}; valid choices: {', '.join(choices)}")
-        model_task, data_task = MODELS[cfg.model.backbone].task, DATASETS[cfg.data.name].task
+        model_task, data_task = spec.task, DATASETS[cfg.data.name].task
         if model_task != data_task:
             same = [n for n, s in DATASETS.items() if s.task == model_task]
             self._error(f"--model.backbone {cfg.model.backbone} is a {model_task} model but --data.name "
@@ -269,6 +277,14 @@ class ASICLI(LightningCLI):
         spec = get_spec(m.backbone)
         if self.subcommand == "profile" and m.get("shape_only") is None and spec.shape_only_profile:
             m.shape_only = True  # an LLM's profile runs shape-only (FakeTensorMode): real shapes, no arithmetic
+        pre = spec.preprocessing
+        if pre is not None and DATASETS[d.name].kind == "image":  # a timm/pretrainedmodels backbone's own settings
+            if d.get("mean") is None and d.get("std") is None:
+                d.mean, d.std = list(pre["mean"]), list(pre["std"])
+            if d.resolution == DATA_DEFAULT_RESOLUTION and pre["input_size"] != d.resolution:
+                rank_zero_info(f"{m.backbone} was pretrained at {pre['input_size']}x{pre['input_size']}: "
+                               f"--data.resolution {pre['input_size']} (pass another value to override)")
+                d.resolution = pre["input_size"]
         if d.get("tokenizer") is None and DATASETS[d.name].kind == "text" and spec.tokenizer_source is not None:
             d.tokenizer = spec.tokenizer_source(m.get("name_or_path"))  # the model's own tokenizer
         if self.subcommand in ("profile", "benchmark"):  # random weights on random input: nothing to load or download
@@ -291,7 +307,7 @@ class ASICLI(LightningCLI):
         # a readable prefix (what differs between runs of one method) + a digest of every setting that changes
         # the result (model, data, seed), so two runs with different settings never share a directory
         tag = settings_hash(run_settings(m.as_dict(), d.as_dict(), cfg.get("seed_everything")))
-        named = naming_options({**m.as_dict(), "ranks": ranks}, MODELS[m.backbone])
+        named = naming_options({**m.as_dict(), "ranks": ranks}, get_spec(m.backbone))
         exp = cfg.exp_name or (("pretrain" if d.setup == "B" and d.half == 1 else
                                 exp_name(m.method, m.num_finetune, named)) + f"_{tag}")
         kind = m.method

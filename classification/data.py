@@ -18,6 +18,7 @@ this module (the registry's, every family registered by ``classification.familie
 from __future__ import annotations
 
 import json
+import math
 import random
 import warnings
 from pathlib import Path
@@ -262,7 +263,7 @@ MIN_RESOLUTION = 8  # the digits' own size; below it an image has fewer pixels t
 
 
 def check_data_options(batch_size: int = 64, resolution: int = 224, val_fraction: float = 0.2, num_workers: int = 0,
-                       num_shards: int = 20, **_) -> None:
+                       num_shards: int = 20, mean=None, std=None, **_) -> None:
     """ValueError naming the option, the value and the valid range, before any data is loaded."""
     def isint(v):
         return isinstance(v, int) and not isinstance(v, bool)
@@ -281,6 +282,15 @@ def check_data_options(batch_size: int = 64, resolution: int = 224, val_fraction
         bad("num_workers", num_workers, "it must be an integer >= 0")
     if not isint(num_shards) or num_shards < 2 or num_shards % 2:
         bad("num_shards", num_shards, "it must be an even integer >= 2")
+    for option, value, low in (("mean", mean, -math.inf), ("std", std, 0.0)):
+        if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > low
+                for v in value)):
+            bad(option, value, "it must be three finite numbers, one per RGB channel, for inputs in [0, 1]"
+                + (", each > 0" if option == "std" else "") + " (e.g. [0.5, 0.5, 0.5])")
+    if (mean is None) != (std is None):
+        raise ValueError("--data.mean and --data.std go together: give both (or neither: the model's own, else "
+                         "ImageNet's)")
 
 
 class EpochSampler(torch.utils.data.RandomSampler):
@@ -367,21 +377,24 @@ AUGMENT_CHOICES = ("standard", "paper")
 
 
 def image_transforms(resolution: int, train: bool, augment: str = "standard", dataset: str = "",
-                     setup: str = "A"):
+                     setup: str = "A", stats: Optional[tuple] = None):
     """``standard`` (ours): random-resized crop + flip for training, resize + centre crop for evaluation,
     ImageNet statistics. ``paper``: what the authors' data modules do: pets, cub200, flowers102 and CIFAR are only
     resized to resolution x resolution (no augmentation, train and eval alike), CIFAR normalised with mean = std =
     0.5; ImageNet is random-resized crop + flip on the training split *and*, in setup A, on the evaluation split
-    (setup B evaluates with resize + centre crop, as ours)."""
+    (setup B evaluates with resize + centre crop, as ours). ``stats``: (mean, std) replacing the normalisation of
+    either (``--data.mean``/``--data.std``; a timm/pretrainedmodels backbone's own)."""
     import torchvision.transforms as T
 
     if augment not in AUGMENT_CHOICES:
         raise ValueError(f"--data.augment {augment!r}: choose one of {', '.join(AUGMENT_CHOICES)}")
     spec = _registered().get(dataset)
     if augment == "paper" and not (spec is not None and spec.paper_random_crop):
-        stats = spec.paper_stats if spec is not None and spec.paper_stats is not None else (IMAGENET_MEAN, IMAGENET_STD)
+        if stats is None:
+            stats = spec.paper_stats if spec is not None and spec.paper_stats is not None else (IMAGENET_MEAN,
+                                                                                                 IMAGENET_STD)
         return T.Compose([T.ToTensor(), T.Resize((resolution, resolution)), T.Normalize(*stats)])
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    norm = [T.ToTensor(), T.Normalize(*(stats or (IMAGENET_MEAN, IMAGENET_STD)))]
     if train or (augment == "paper" and setup == "A"):
         return T.Compose([T.RandomResizedCrop(resolution), T.RandomHorizontalFlip(), *norm])
     return T.Compose([T.Resize(int(round(resolution / 0.875))), T.CenterCrop(resolution), *norm])
@@ -406,6 +419,8 @@ class ClassificationData(pl.LightningDataModule):
         augment: Literal["standard", "paper"] = "standard",
         max_length: int = 512,
         tokenizer: Optional[str] = None,
+        mean: Optional[list[float]] = None,
+        std: Optional[list[float]] = None,
     ):
         """Image classification data.
 
@@ -433,9 +448,13 @@ class ClassificationData(pl.LightningDataModule):
             max_length: Text datasets (boolq): tokens per sample, truncated / padded to it (paper: 512).
             tokenizer: Text datasets (boolq): a model directory, a tokenizer.json or a hub name; default: the LLM
                 backbone's own (--model.backbone tinyllama or --model.name_or_path).
+            mean: Per-channel (RGB) mean the images are normalised with, for inputs in [0, 1]; with ``std``.
+                Default: the backbone's own for timm:/pretrainedmodels: models (their pretrained configuration),
+                else ImageNet's (CIFAR's 0.5 with --data.augment paper).
+            std: Per-channel (RGB) standard deviation, with ``mean``.
         """
         super().__init__()
-        check_data_options(batch_size, resolution, val_fraction, num_workers, num_shards)
+        check_data_options(batch_size, resolution, val_fraction, num_workers, num_shards, mean, std)
         self.save_hyperparameters()  # into checkpoints: a resume is checked against the data it was trained on
         self.spec = get_dataset_spec(name)
         if self.spec.kind == "text" and resolution != 224:
@@ -450,6 +469,7 @@ class ClassificationData(pl.LightningDataModule):
             raise ValueError(f"--data.augment {augment!r}: choose one of {', '.join(AUGMENT_CHOICES)}")
         self.augment = augment
         self.max_length, self.tokenizer = max_length, tokenizer
+        self.stats = (tuple(mean), tuple(std)) if mean is not None else None
         self.run_dir: Optional[Path] = None  # set by the CLI; setup B writes partition.json there
         self.resume_position: Optional[tuple[int, int]] = None  # (epoch, batches done): callbacks.ExactResume
         self.partition: Optional[tuple[list[int], list[int]]] = None
@@ -518,8 +538,10 @@ class ClassificationData(pl.LightningDataModule):
                              f"{len(val_idx)} validation samples of {len(indices)}: choose a fraction that leaves "
                              f"samples in both")
         is_tensor = self.spec.in_memory
-        t_train = None if is_tensor else image_transforms(self.resolution, True, self.augment, self.name, self.setup_name)
-        t_eval = None if is_tensor else image_transforms(self.resolution, False, self.augment, self.name, self.setup_name)
+        t_train = None if is_tensor else image_transforms(self.resolution, True, self.augment, self.name,
+                                                          self.setup_name, self.stats)
+        t_eval = None if is_tensor else image_transforms(self.resolution, False, self.augment, self.name,
+                                                         self.setup_name, self.stats)
         self.train_set = TransformSubset(pool, train_idx, t_train)
         self.val_set = TransformSubset(pool, val_idx, t_eval)
         self.test_set = TransformSubset(test, range(len(test)), t_eval) if test is not None else self.val_set

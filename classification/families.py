@@ -12,6 +12,7 @@ from __future__ import annotations
 from . import backbones  # noqa: F401  CNNs and vision transformers
 import segmentation.models  # noqa: F401,E402  the paper's Table 3 segmentation networks
 from . import llm  # noqa: F401,E402  Hugging Face LLaMA-family sequence classifiers
+from . import hub_models  # noqa: F401,E402  timm:<name>, pretrainedmodels:<name> (built on first lookup)
 
 # datasets
 from . import data  # noqa: F401,E402  image datasets

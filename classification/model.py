@@ -72,7 +72,8 @@ class ClassificationModel(pl.LightningModule):
         """Classifier fine-tuned with activation compression.
 
         Args:
-            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18, resnet34, swin_t or vit_b_32
+            backbone: Model-zoo name: mcunet (MCUNet-in1), mobilenet_v2, resnet18, resnet34, swin_t or vit_b_32;
+                timm:<name> or pretrainedmodels:<name> for those packages' models (docs/backbones.md)
                 (swin_tiny_test and vit_tiny_test: random-weight miniatures for tests); LLMs (classification/llm.py):
                 tinyllama (TinyLlama-1.1B-Chat-v1.0), llama_tiny (a tiny random-init LLaMA) or hf (any LLaMA-family
                 model given by --model.name_or_path); segmentation (paper Table 3, segmentation/models.py):

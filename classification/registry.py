@@ -54,6 +54,12 @@ class ModelSpec:
     # segmentation: the authors' explicit layer lists for a --model.num_finetune value ({"layers", "radii",
     # "freeze"} or None; segmentation.layer_sets.layer_set)
     layer_sets: Optional[Callable[[object], Optional[dict]]] = None
+    # the package's own preprocessing of a model from another package ({"mean", "std": [3 floats, RGB, inputs in
+    # [0, 1]], "input_size": int}); the command line hands it to the data (classification/hub_models.py). None: ours
+    preprocessing: Optional[dict] = None
+    # maps a published state_dict onto the architecture's keys before the strict load (pretrainedmodels renames
+    # torchvision's head `fc` to `last_linear`); None: loaded as it is
+    weights_rename: Optional[Callable[[dict, "nn.Module"], dict]] = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,9 @@ class DatasetSpec:
 
 MODELS: dict[str, ModelSpec] = {}
 DATASETS: dict[str, DatasetSpec] = {}
+# "<prefix>:<name>" models built on demand from another package (classification/hub_models.py: timm, pretrainedmodels):
+# prefix -> (resolve(name), which registers "<prefix>:<name>", and a line saying which names it takes)
+MODEL_SOURCES: dict[str, tuple[Callable[[str], None], str]] = {}
 
 
 def _refuse_duplicate(table: dict, what: str, name: str) -> None:
@@ -111,10 +120,34 @@ def register_dataset(name: str, **spec_fields) -> DatasetSpec:
     return spec
 
 
+def register_model_source(prefix: str, resolve: Callable[[str], None], names: str) -> None:
+    """Models named ``<prefix>:<name>``: ``resolve(name)`` registers ``"<prefix>:<name>"`` (with
+    :func:`register_model`) the first time it is looked up, or raises ValueError saying why it cannot. ``names``: a
+    line for error messages saying which names the source takes."""
+    _refuse_duplicate(MODEL_SOURCES, "model source", prefix)
+    MODEL_SOURCES[prefix] = (resolve, names)
+
+
+def _choices() -> str:
+    return ", ".join([*MODELS, *(f"{p}:<name> ({names})" for p, (_, names) in MODEL_SOURCES.items())])
+
+
 def get_spec(name: str) -> ModelSpec:
     if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; valid choices: {', '.join(MODELS)}")
+        prefix, sep, arch = str(name).partition(":")
+        if not (sep and arch and prefix in MODEL_SOURCES):
+            raise ValueError(f"Unknown model {name!r}; valid choices: {_choices()}")
+        MODEL_SOURCES[prefix][0](arch)  # registers it, or raises saying why not
     return MODELS[name]
+
+
+def is_model(name: str) -> bool:
+    """Whether ``name`` is a registered model or one a model source can build (it is registered then)."""
+    try:
+        get_spec(name)
+    except ValueError:
+        return False
+    return True
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:

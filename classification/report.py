@@ -103,9 +103,9 @@ def _method(method: str):
 
 def _model_spec(model: str):
     from . import families  # noqa: F401  every model registered
-    from .registry import MODELS
+    from .registry import get_spec, is_model
 
-    return MODELS.get(model)
+    return get_spec(model) if is_model(model) else None  # (timm:/pretrainedmodels: names are built on demand)
 
 
 def _task(model: str, data: dict):
