@@ -35,13 +35,18 @@ _LORA_A = re.compile(r"^(?P<target>.+)\.lora_A\.(?P<adapter>[^.]+)$")
 def lora_layers(model: nn.Module, adapter: Optional[str] = None) -> list[str]:
     """Qualified names of the ``lora_A`` linears of ``model`` (of ``adapter`` only, when given), in registration
     order. ValueError when there are none, saying how to add them."""
-    found, adapters = [], set()
+    found, adapters, other = [], set(), []
     for name, module in model.named_modules():
         m = _LORA_A.match(name)
         if m and isinstance(module, nn.Linear):
             adapters.add(m["adapter"])
             if adapter is None or m["adapter"] == adapter:
                 found.append(name)
+        elif m and not isinstance(module, nn.ModuleDict):
+            other.append(f"{name} ({type(module).__name__})")
+    if not found and other:
+        raise ValueError(f"the model's LoRA adapters are not on linear layers ({', '.join(other[:3])}): ASI compresses "
+                         f"the inputs of lora_A linears; target linear layers in the LoraConfig")
     if not found:
         if adapters:
             raise ValueError(f"the model has no LoRA adapter named {adapter!r}; its adapters: {sorted(adapters)}")
@@ -75,6 +80,8 @@ def patch_lora(model: nn.Module, method: str = "asi", num_finetune: Union[int, s
     "hosvd@<eps>") the ranks are chosen under that activation budget from the perplexity measured on ``batches``
     (see :func:`asi_core.choose_ranks` for ``batches`` and ``loss_fn``; the base linears are measured, module
     docstring). Trainable flags are left as peft set them. Returns the patched names."""
+    if patched_layers(model):
+        raise ValueError("model is already patched; call asi_core.unpatch(model) first")
     names = lora_layers(model, adapter)
     if num_finetune != "all":
         if isinstance(num_finetune, bool) or not isinstance(num_finetune, int) or num_finetune < 1:
@@ -92,8 +99,6 @@ def patch_lora(model: nn.Module, method: str = "asi", num_finetune: Union[int, s
         choice = choose_ranks(model, batches, budget_mib, loss_fn=loss_fn, layers=names, layer_type="linear",
                               epsilons=epsilons, measure_on={n: lora_base_layer(model, n) for n in names})
         options["ranks"] = choice["ranks"]
-    if patched_layers(model):
-        raise ValueError("model is already patched; call asi_core.unpatch(model) first")
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     out = patch(model, method, layers=names, layer_type="linear", lean=lean, **options)
     for p in model.parameters():  # peft's choice of what trains, untouched (patch froze what precedes the first)

@@ -92,11 +92,21 @@ def measure_perplexity(model: nn.Module, batches: Iterable, loss_fn: Callable, e
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"layer(s) {missing} not found in the model")
+    odd = [n for n in names if not (isinstance(getattr(modules[n], "weight", None), torch.Tensor)
+                                    and modules[n].weight.is_floating_point())]
+    if odd:
+        raise ValueError(f"layer(s) {odd[:3]} have no floating-point weight (quantised, e.g. 4-bit QLoRA base layers?):"
+                         f" the perplexity needs their weight gradient; measure on a float copy of the model")
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
+    handles = []
     for n in names:
-        modules[n].weight.requires_grad_(True)  # gradients must reach every measured layer
+        weight = modules[n].weight
+        weight.requires_grad_(True)  # gradients must reach every measured layer
+        # ... but they are never used: drop each as soon as it is accumulated (an LLM's measured weights' gradients
+        # would otherwise all be held at once)
+        handles.append(weight.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)))
 
     stats = {n: {"ranks": [[0] * 4 for _ in epsilons], "perplexity": [0.0] * len(epsilons), "shape": None,
                  "dtype_bytes": 4} for n in names}
@@ -118,7 +128,7 @@ def measure_perplexity(model: nn.Module, batches: Iterable, loss_fn: Callable, e
             output.register_hook(on_grad)
         return hook
 
-    handles = [modules[n].register_forward_hook(forward_hook(n)) for n in names]
+    handles += [modules[n].register_forward_hook(forward_hook(n)) for n in names]
     count = 0
     try:
         with torch.enable_grad():
@@ -201,11 +211,18 @@ def choose_ranks(model: nn.Module, batches: Iterable, budget_mib: Union[float, s
 
     measured = measure_perplexity(model, pairs(), lambda m, batch, _: loss_fn(m, batch), sorted(set(epsilons)),
                                   layers=list(dict.fromkeys(proxy.values())), layer_type=layer_type)
-    first = measured[proxy[names[0]]]
+    modules = dict(model.named_modules())
+    for n in names:  # a layer measured through another: its memory in its own dtype (peft casts lora_A's input to
+        if proxy[n] != n:  # lora_A's dtype, float32 under a bfloat16 base model)
+            entry = dict(measured[proxy[n]])
+            size = modules[n].weight.element_size()
+            entry["memory_mib"] = [tucker_elements(entry["input_shape"], r) * size / MIB for r in entry["ranks"]]
+            measured[n] = entry
+    first = measured[names[0]]
     table = {"schema_version": SCHEMA_VERSION, "model": type(model).__name__, "dataset": "",
              "input_shape": first["input_shape"], "batch_size": first["input_shape"][0],
              "epsilons": sorted(set(epsilons)), "num_batches": count[0],
-             "layers": {n: measured[proxy[n]] for n in names}}
+             "layers": {n: measured[n] for n in names}}
     choice = rank_selection.select(table, budget_mib)
     return {"layers": [c["name"] for c in choice["layers"]],
             "ranks": [tuple(c["ranks"]) for c in choice["layers"]],

@@ -10,7 +10,10 @@ the first step of that session), the model's own dtype:
 * ``asi/activation_mib``: the paper's count, the patched layers' compressed inputs (eq. 5); ``asi/vanilla_activation_mib``:
   the same layers' inputs kept whole (what they would keep without ASI);
 * ``asi/train_gflops``: the patched layers' forward + weight-gradient + subspace-iteration FLOPs of that micro-batch
-  (1 multiply-add = 1 FLOP; ``asi_core.accounting``); ``asi/num_layers``.
+  (1 multiply-add = 1 FLOP; ``asi_core.accounting``); ``asi/num_layers``;
+* ``asi/peak_step_mib``: the whole-step peak, the most memory that first step (forward, backward, optimiser step, all
+  its micro-batches) held at once, parameters and optimiser state included (``asi_core.peak.peak_of``: the CUDA
+  allocator's peak on a GPU, the CPU allocator's events on a CPU); its breakdown by category goes to the JSON.
 
 The per-layer reports go to ``<output_dir>/asi_usage.json`` at the end of training (main process only).
 """
@@ -27,6 +30,7 @@ from transformers import TrainerCallback
 
 import asi_core
 from asi_core import accounting
+from asi_core.peak import peak_of
 from asi_core.usage import MIB, ActivationMeter, layer_reports, totals
 
 __all__ = ["ASICallback", "ASIWarning", "checkpointed_patched_layers"]
@@ -47,14 +51,17 @@ def checkpointed_patched_layers(model: nn.Module) -> list[str]:
 
 class ASICallback(TrainerCallback):
     """Add ``callbacks=[asi_hf.ASICallback()]`` to a ``transformers.Trainer`` whose model ``asi_core.patch`` (or
-    ``asi_core.patch_lora``) patched. ``measure``: measure the first step (default) or not at all."""
+    ``asi_core.patch_lora``) patched. ``measure``: measure the first step (default) or not at all; ``peak``: measure
+    that step's whole-step peak too (default; it watches every allocation of that one step, which slows it)."""
 
-    def __init__(self, measure: bool = True):
-        self.measure = measure
+    def __init__(self, measure: bool = True, peak: bool = True):
+        self.measure, self.peak = measure, peak
         self.metrics: dict = {}
         self.layers: list[dict] = []
+        self.peak_breakdown: Optional[dict] = None
         self._meter: Optional[ActivationMeter] = None
         self._stop_handle = None
+        self._peak_cm = self._peak = None
 
     # ------------------------------------------------------------------ checks
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -81,12 +88,20 @@ class ASICallback(TrainerCallback):
                 ASIWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ measuring one forward
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self.measure or self.metrics or self._meter is not None or model is None:
             return
         self._model = model
-        self._meter = ActivationMeter(model).start()
-        self._stop_handle = model.register_forward_hook(self._forward_done)
+        self._arm()
+        if self.peak:
+            self._peak_cm = peak_of(model, optimizer)
+            self._peak = self._peak_cm.__enter__()
+
+    def _arm(self) -> None:
+        for _, layer in asi_core.patched_layers(self._model):
+            layer.last_stats = None  # so that only this forward's training statistics are read
+        self._meter = ActivationMeter(self._model).start()
+        self._stop_handle = self._model.register_forward_hook(self._forward_done)
 
     def _forward_done(self, module, args, output) -> None:
         meter, self._meter = self._meter, None
@@ -94,10 +109,15 @@ class ASICallback(TrainerCallback):
         if meter is None:
             return
         meter.stop()
+        if not torch.is_grad_enabled() or not any(meter.input_requires_grad.values()) and not any(
+                layer.last_stats is not None for _, layer in asi_core.patched_layers(self._model)):
+            self._arm()  # a forward without a graph (a no_grad reference or generation pass): measure the next one
+            return
         measured = meter.summary()
         reports = layer_reports(self._model, meter.input_requires_grad)
         if not reports or measured["measured_activation_mib"] is None:
-            return  # no patched layer ran a training forward (an evaluation forward came first): next step
+            self._arm()
+            return
         tot = totals(reports)
         vanilla = sum(accounting.to_mib(accounting.activation_elements("vanilla", _geometry(self._model, r["name"])),
                                         _dtype_bytes(self._model, r["name"])) for r in reports)
@@ -109,6 +129,13 @@ class ASICallback(TrainerCallback):
         self.measure = False
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._peak_cm is not None:
+            cm, self._peak_cm = self._peak_cm, None
+            cm.__exit__(None, None, None)
+            if self.metrics:
+                self.metrics["asi/peak_step_mib"] = self._peak["peak_step_mib"]
+                self.peak_breakdown = {"source": self._peak["peak_step_source"],
+                                       **self._peak["peak_step_breakdown"]}
         if self._meter is not None:  # the step ran no forward of the model itself: give up cleanly
             self._meter.stop()
             self._meter = None
@@ -126,7 +153,8 @@ class ASICallback(TrainerCallback):
         if self.metrics and state.is_world_process_zero and args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, "asi_usage.json"), "w") as f:
-                json.dump({"totals": self.metrics, "layers": self.layers}, f, indent=1, default=str)
+                json.dump({"totals": self.metrics, "peak_step_breakdown_mib": self.peak_breakdown,
+                           "layers": self.layers}, f, indent=1, default=str)
 
 
 def _geometry(model: nn.Module, name: str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import os
 import re
@@ -198,8 +199,36 @@ def test_the_callback_logs_what_the_meter_and_eq5_give(tmp_path):
     loss.backward()
     assert logged[0]["asi/measured_activation_mib"] == pytest.approx(meter.summary()["measured_activation_mib"])
     assert logged[0]["asi/train_gflops"] > 0
-    usage = (tmp_path / "asi_usage.json").read_text()
-    assert all(n in usage for n in names)
+    # the whole-step peak holds at least the parameters, the batch's saved activations and the trained gradients
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2 ** 20
+    peak = logged[0]["asi/peak_step_mib"]
+    assert params + logged[0]["asi/measured_activation_mib"] <= peak < 4 * (params + grads) + 50, peak
+    usage = json.loads((tmp_path / "asi_usage.json").read_text())
+    assert [r["name"] for r in usage["layers"]] == names
+    assert usage["peak_step_breakdown_mib"]["parameters"] == pytest.approx(params, rel=0.01)
+
+
+class NoGradFirst(Trainer):
+    """A loss preceded by a forward without a graph (as TRL's reference and generation passes)."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        with torch.no_grad():
+            model(**inputs)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def test_the_callback_measures_the_training_forward_not_a_no_grad_one_before_it(tmp_path):
+    figures = []
+    for cls in (Trainer, NoGradFirst):
+        model = tiny_llama()
+        patch_mlp(model)
+        callback = asi_hf.ASICallback(peak=False)
+        cls(model=model, args=training_args(tmp_path / cls.__name__, max_steps=1), train_dataset=dataset(8),
+            callbacks=[callback]).train()
+        figures.append(callback.metrics)
+    assert figures[1]["asi/measured_activation_mib"] > 0
+    assert figures[1] == pytest.approx(figures[0])
 
 
 def test_gradient_checkpointing_warns_naming_the_fix(tmp_path):
@@ -252,6 +281,20 @@ def test_choose_ranks_is_the_budget_optimum_of_the_measured_table():
     model(**batches[0]).loss.backward()
 
 
+def test_choose_ranks_holds_no_weight_gradient_between_batches():
+    model = tiny_llama()
+    names = asi_core.choose_layers(model, 3, layer_type="linear", include="mlp")
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append([m.get_submodule(n).weight.grad is None for n in names])
+        return m(**batch).loss
+
+    batches = [default_data_collator(dataset(8, seed=s)) for s in (1, 2, 3)]
+    asi_core.choose_ranks(model, batches, "min", loss_fn=loss_fn, layers=names, layer_type="linear")
+    assert seen == [[True] * 3] * 3  # each measured weight's gradient was dropped as soon as it was made
+
+
 def test_choose_ranks_refuses_batches_it_cannot_score():
     with pytest.raises(ValueError, match="labels"):
         asi_core.choose_ranks(tiny_llama(), [{"input_ids": torch.ones(2, 4, dtype=torch.long)}], "min",
@@ -302,8 +345,9 @@ def test_patch_lora_at_full_rank_gives_plain_lora_gradients():
         torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-12, msg=n)
 
 
-def test_patch_lora_chooses_ranks_under_a_budget_on_the_base_layers():
-    model = lora_model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_lora_chooses_ranks_under_a_budget_on_the_base_layers(dtype):
+    model = lora_model(dtype=dtype)  # bfloat16: peft keeps the adapters (and lora_A's input) in float32
     batches = [default_data_collator(dataset(8, seed=s)) for s in (1, 2)]
     names = asi_core.lora_layers(model)
     measured = asi_core.choose_ranks(model, batches, "min", layers=names, layer_type="linear",
@@ -313,8 +357,10 @@ def test_patch_lora_chooses_ranks_under_a_budget_on_the_base_layers():
     budget = sum(min(m) for m in memory) * 1.5
     asi_core.patch_lora(model, "asi", budget_mib=budget, batches=batches)
     model(**batches[0]).loss.backward()
-    kept = sum(layer.last_stats["stored_elements"] for _, layer in asi_core.patched_layers(model)) * 4 / 2 ** 20
-    assert kept <= budget + 1e-12
+    kept = sum(layer.last_stats["stored_elements"] * layer.weight.element_size()
+               for _, layer in asi_core.patched_layers(model)) / 2 ** 20
+    assert all(layer.weight.dtype == torch.float32 for _, layer in asi_core.patched_layers(model))
+    assert budget * 0.5 < kept <= budget + 1e-12
 
 
 def test_patch_lora_says_what_is_missing():
@@ -327,3 +373,11 @@ def test_patch_lora_says_what_is_missing():
         asi_core.patch_lora(model, "asi", budget_mib=1.0, ranks=2, batches=[])
     with pytest.raises(ValueError, match="no LoRA adapter named 'other'"):
         asi_core.patch_lora(model, "asi", ranks=2, adapter="other")
+    asi_core.patch_lora(model, "asi", ranks=2)
+    with pytest.raises(ValueError, match="already patched"):  # refused before any measurement
+        asi_core.patch_lora(model, "asi", budget_mib=1.0, batches=iter(()))
+    from peft import LoraConfig, inject_adapter_in_model
+    convs = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "1"]), convs)
+    with pytest.raises(ValueError, match=r"not on linear layers \(0.lora_A.default \(Conv2d\)"):
+        asi_core.lora_layers(convs)
