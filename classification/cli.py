@@ -37,7 +37,6 @@ parameter typed as a list takes the words before the first option (``report runs
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 import warnings
@@ -67,9 +66,6 @@ from .resources import resolve_device
 from .rundir import exp_name, run_dir, run_settings, settings_hash, write_metrics
 from .registry import DATASETS, get_spec
 from .trainer import ASITrainer
-
-# --data.resolution left at this default takes a timm/pretrainedmodels backbone's own input size (_derived_options)
-DATA_DEFAULT_RESOLUTION = inspect.signature(ClassificationData.__init__).parameters["resolution"].default
 
 # The paper's recipe (App. B.1) where it is a Trainer setting; every key stays overridable.
 TRAINER_DEFAULTS = {"gradient_clip_val": 2.0, "gradient_clip_algorithm": "norm", "max_epochs": 50,
@@ -158,6 +154,8 @@ class ASICLI(LightningCLI):
         would replace the command's --model options by the checkpoint's hyper-parameters, so that a resume silently
         trains other settings than the command says. Here the command's settings stay, and the run's lifecycle
         refuses a checkpoint made with other ones, listing the differences (``Run.check_checkpoint``)."""
+        self._raw_args = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) \
+            else []
         super().parse_arguments(parser, args)
         name = self.config.get("subcommand")
         section = self.config.get(name) if name else None
@@ -212,14 +210,7 @@ class ASICLI(LightningCLI):
     def _check_config_sections(self, cfg: Namespace) -> None:
         """A --config file whose ``model:``/``data:``/``trainer:`` is not a mapping (``model: [1, 2, 3]``) would
         silently leave every option at its default: refuse it, naming the file."""
-        import yaml
-
-        for path in cfg.get("config") or []:
-            path = getattr(path, "absolute", None) or getattr(path, "relative", None) or str(path)
-            try:
-                doc = yaml.safe_load(Path(str(path)).read_text())
-            except (OSError, yaml.YAMLError):
-                continue  # jsonargparse already reported an unreadable file
+        for path, doc in self._config_documents(cfg):
             if not isinstance(doc, dict):
                 self._error(f"--config {path}: expected a mapping of sections (model:, data:, trainer: ...), "
                             f"got {type(doc).__name__}")
@@ -278,10 +269,12 @@ class ASICLI(LightningCLI):
         if self.subcommand == "profile" and m.get("shape_only") is None and spec.shape_only_profile:
             m.shape_only = True  # an LLM's profile runs shape-only (FakeTensorMode): real shapes, no arithmetic
         pre = spec.preprocessing
-        if pre is not None and DATASETS[d.name].kind == "image":  # a timm/pretrainedmodels backbone's own settings
+        data_spec = DATASETS[d.name]
+        if pre is not None and data_spec.kind == "image" and not data_spec.in_memory:  # (digits: ready tensors)
+            # a timm/pretrainedmodels backbone's own settings
             if d.get("mean") is None and d.get("std") is None:
                 d.mean, d.std = list(pre["mean"]), list(pre["std"])
-            if d.resolution == DATA_DEFAULT_RESOLUTION and pre["input_size"] != d.resolution:
+            if pre["input_size"] != d.resolution and not self._given(cfg, "data", "resolution"):
                 rank_zero_info(f"{m.backbone} was pretrained at {pre['input_size']}x{pre['input_size']}: "
                                f"--data.resolution {pre['input_size']} (pass another value to override)")
                 d.resolution = pre["input_size"]
@@ -297,6 +290,28 @@ class ASICLI(LightningCLI):
                             f"--model.checkpoint, or create {default} with a pretraining run (--data.half 1 "
                             f"--model.method vanilla --model.num_finetune all, configs/recipes/setupB_pretrain.yaml)")
             m.checkpoint = str(default)
+
+    def _given(self, cfg: Namespace, section: str, key: str) -> bool:
+        """Whether the command gave ``--<section>.<key>`` itself: on the command line or in a --config file (not
+        left at the parser's default)."""
+        flag = f"--{section}.{key}"
+        if any(a == flag or a.startswith(flag + "=") for a in getattr(self, "_raw_args", [])):
+            return True
+        return any(isinstance(doc, dict) and isinstance(doc.get(section), dict) and key in doc[section]
+                   for _, doc in self._config_documents(cfg))
+
+    @staticmethod
+    def _config_documents(cfg: Namespace):
+        """``(path, parsed YAML)`` of every --config file of ``cfg`` that reads (jsonargparse reported the others)."""
+        import yaml
+
+        for path in cfg.get("config") or []:
+            path = getattr(path, "absolute", None) or getattr(path, "relative", None) or str(path)
+            try:
+                doc = yaml.safe_load(Path(str(path)).read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            yield path, doc
 
     def _resolve_run_dir(self, cfg: Namespace) -> Path:
         """--trainer.default_root_dir, else ``<run_root>/setup<X>/<model>/<dataset>/<method>/<exp_name>``."""

@@ -470,6 +470,9 @@ class ClassificationData(pl.LightningDataModule):
         self.augment = augment
         self.max_length, self.tokenizer = max_length, tokenizer
         self.stats = (tuple(mean), tuple(std)) if mean is not None else None
+        if self.stats is not None and self.spec.in_memory:
+            warnings.warn(f"--data.mean/--data.std do nothing for {name!r}: it is built in memory as ready tensors "
+                          f"(no image transforms)", stacklevel=2)
         self.run_dir: Optional[Path] = None  # set by the CLI; setup B writes partition.json there
         self.resume_position: Optional[tuple[int, int]] = None  # (epoch, batches done): callbacks.ExactResume
         self.partition: Optional[tuple[list[int], list[int]]] = None

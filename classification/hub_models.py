@@ -10,7 +10,8 @@ From the package, per architecture:
 * the **architecture**, built with random weights (``timm.create_model(name)``;
   ``pretrainedmodels.<name>(num_classes=1000, pretrained=None)``);
 * the **head**: timm's ``pretrained_cfg["classifier"]`` (replaced with timm's own ``reset_classifier``);
-  pretrainedmodels' ``last_linear``;
+  pretrainedmodels' ``last_linear``; a model whose head is not one ``nn.Linear`` (a conv head, DeiT's two distilled
+  heads, DPN, SqueezeNet) is refused when its name is looked up, saying so;
 * the **preprocessing**: mean, std and input size (timm's pretrained config; pretrainedmodels'
   ``pretrained_settings[name]["imagenet"]``, which the authors used for their segmentation encoders). The command line
   hands them to the data (``--data.mean``/``--data.std`` when not given, ``--data.resolution`` when left at its
@@ -18,7 +19,7 @@ From the package, per architecture:
   exactly: the mean and std are rescaled to [0, 1] inputs and the network reverses the channels first (a forward
   pre-hook: no parameter, module names unchanged);
 * the **layers** ``--model.num_finetune`` counts: the model's Conv2d layers, or, for a network with more linear than
-  conv layers (ViTs, ConvNeXt), its linears, those named ``*mlp*`` when it has such (the paper's choice for
+  conv layers (ViTs, Swin; not timm's ConvNeXt, whose MLPs are 1x1 convs), its linears, those named ``*mlp*`` when it has such (the paper's choice for
   transformers): always ``asi_core.candidate_layers(model, layer_type, include)``.
 
 **Weights**, resolved as the built-in models' are (local file, else the published weights, else a message naming the
@@ -54,6 +55,13 @@ def layer_choice(model: nn.Module) -> tuple[str, Optional[str]]:
     return "linear", ("mlp" if any("mlp" in n for n in linears) else None)
 
 
+def _submodule(model: nn.Module, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _unknown(source: str, name: str, known: list[str], listing: str) -> ValueError:
     near = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     return ValueError(f"{source} has no model {name!r}" + (f"; close names: {', '.join(near)}" if near else "")
@@ -86,10 +94,15 @@ def _timm_pretrained(name: str) -> nn.Module:
             raise ValueError(f"timm weights file {local} for model timm:{name} is unreadable or does not fit the "
                              f"architecture ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                              f"). Delete it or put a good copy there") from None
+    cfg = _timm_create(name, False).pretrained_cfg
+    if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
+        raise FileNotFoundError(f"timm publishes no pretrained weights for {name} (its pretrained config names none) "
+                                f"and there is no local file {local}: put a state_dict there, or pass "
+                                f"--model.pretrained false to train from random weights on purpose")
     try:
         return _timm_create(name, True)
-    except Exception as err:  # offline, no published weights, HTTP error ...
-        hub = _timm_create(name, False).pretrained_cfg.get("hf_hub_id") or name
+    except Exception as err:  # offline, HTTP error ...
+        hub = cfg.get("hf_hub_id") or cfg.get("url")
         raise FileNotFoundError(
             f"pretrained weights for --model.backbone timm:{name} are not available: no local file {local} and "
             f"timm's download of {hub} failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}).\n"
@@ -108,9 +121,15 @@ def resolve_timm(name: str) -> None:
         raise _unknown("timm", name, timm.list_models(), "timm.list_models() lists them")
     probe = _timm_create(name, False)
     cfg = probe.pretrained_cfg
-    layer_type, include = layer_choice(probe)
     head = cfg.get("classifier")
-    head = head[0] if isinstance(head, (list, tuple)) else head
+    if isinstance(head, (list, tuple)):  # distilled models (DeiT/LeViT "distilled"): two heads averaged
+        raise ValueError(f"timm:{name} has {len(head)} classifier heads ({', '.join(head)}), which this framework does "
+                         f"not train together; choose a model with one head (e.g. the non-distilled variant)")
+    if not head or not isinstance(_submodule(probe, head), nn.Linear):
+        raise ValueError(f"timm:{name}'s classifier {head!r} is not one nn.Linear "
+                         f"({type(_submodule(probe, head)).__name__ if head else 'none in its pretrained config'}): "
+                         f"not supported as a backbone here (a conv head would count as a fine-tuned layer)")
+    layer_type, include = layer_choice(probe)
     input_size = int(cfg.get("input_size", (3, 224, 224))[-1])
 
     def create(num_classes: int, pretrained: bool, **options) -> nn.Module:
@@ -153,13 +172,17 @@ def _rgb_to_bgr(module: nn.Module, args):
 
 def _pm_rename(state: dict, model: nn.Module) -> dict:
     """pretrainedmodels' torchvision-derived models load torchvision's file, whose head is ``fc``/``classifier``,
-    then rename it ``last_linear``: the same renaming here."""
+    then rename it ``last_linear``: the same renaming here. A file with 1001 classes (a background class first:
+    Inception-v4, Inception-ResNet-v2, NASNet-L, PNASNet) loses that row, as pretrainedmodels drops it."""
     own = model.state_dict()
     if "last_linear.weight" in own and "last_linear.weight" not in state:
         for old in ("fc", "classifier"):
             if f"{old}.weight" in state and f"{old}.weight" not in own:
                 state = {("last_linear" + k[len(old):] if k.split(".")[0] == old else k): v for k, v in state.items()}
                 break
+    for key in ("last_linear.weight", "last_linear.bias"):
+        if key in state and key in own and state[key].shape[0] == own[key].shape[0] + 1:
+            state = {**state, key: state[key][1:]}
     return state
 
 
@@ -179,6 +202,9 @@ def resolve_pretrainedmodels(name: str) -> None:
     scale = 255.0 if list(s.get("input_range", [0, 1]))[-1] == 255 else 1.0
     order = slice(None, None, -1) if s.get("input_space") == "BGR" else slice(None)
     probe = _pm_build(name)
+    if not isinstance(getattr(probe, "last_linear", None), nn.Linear):
+        raise ValueError(f"pretrainedmodels:{name}'s classifier is not one nn.Linear named last_linear "
+                         f"({type(getattr(probe, 'last_linear', None)).__name__}): not supported as a backbone here")
     layer_type, include = layer_choice(probe)
     register_classifier(f"pretrainedmodels:{name}", lambda: _pm_build(name), "last_linear", s["url"],
                         s["url"].rsplit("/", 1)[-1], int(s["input_size"][-1]), layer_type=layer_type,

@@ -64,6 +64,26 @@ def test_names_resolve_once_and_unknown_names_say_what_exists():
     assert not is_model("timm:resnet181")
 
 
+@pytest.mark.parametrize("name,why", [
+    ("timm:dla34", r"classifier 'fc' is not one nn.Linear \(Conv2d\)"),
+    ("timm:deit_tiny_distilled_patch16_224", r"2 classifier heads \(head, head_dist\).*non-distilled"),
+    ("pretrainedmodels:dpn68", r"not one nn.Linear named last_linear \(Conv2d\)"),
+    ("pretrainedmodels:squeezenet1_0", r"not one nn.Linear named last_linear")])
+def test_models_whose_head_is_not_one_linear_are_refused_when_named(name, why):
+    with pytest.raises(ValueError, match=why):
+        get_spec(name)
+    assert not is_model(name)
+
+
+def test_a_1001_class_file_loses_its_background_row_as_pretrainedmodels_does():
+    net = hub_models._pm_build("inceptionv4")
+    state = dict(net.state_dict())
+    state["last_linear.weight"] = torch.randn(1001, state["last_linear.weight"].shape[1])
+    state["last_linear.bias"] = torch.randn(1001)
+    net.load_state_dict(hub_models._pm_rename(state, net), strict=True)
+    assert torch.equal(net.last_linear.bias, state["last_linear.bias"][1:])
+
+
 def test_preprocessing_is_the_packages_own():
     t = get_spec("timm:vit_tiny_patch16_224").preprocessing
     assert t == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_size": 224}
@@ -87,16 +107,26 @@ def test_the_command_line_hands_the_preprocessing_to_the_data(tmp_path):
         return ASICLI(args=["--data.name", "digits", "--model.pretrained", "false",
                             "--run_root", str(tmp_path / "runs"), *args], run=False)
 
-    c = cli("--model.backbone", "timm:vit_tiny_patch16_224", "--data.resolution", "224")
+    c = cli("--model.backbone", "timm:vit_tiny_patch16_224", "--data.resolution", "224", "--data.name", "cifar10")
     assert c.datamodule.stats == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     c = cli("--model.backbone", "pretrainedmodels:nasnetamobile", "--data.mean", "[0.1,0.2,0.3]",
-            "--data.std", "[1,1,1]", "--data.resolution", "32")
+            "--data.std", "[1,1,1]", "--data.resolution", "32", "--data.name", "cifar10")
     assert c.datamodule.stats == ((0.1, 0.2, 0.3), (1, 1, 1)) and c.datamodule.resolution == 32  # the user's win
     from classification.data import image_transforms
     norm = image_transforms(32, False, stats=c.datamodule.stats).transforms[-1]
     assert list(norm.mean) == [0.1, 0.2, 0.3]
-    # --data.resolution left at its default takes the model's input size (polynet: 331)
-    assert cli("--model.backbone", "pretrainedmodels:polynet").datamodule.resolution == 331
+    # --data.resolution left at its default takes the model's input size (polynet: 331); given, even as 224, it stays
+    assert cli("--model.backbone", "pretrainedmodels:polynet", "--data.name", "cifar10").datamodule.resolution == 331
+    given = cli("--model.backbone", "pretrainedmodels:polynet", "--data.name", "cifar10", "--data.resolution=224")
+    assert given.datamodule.resolution == 224
+    config = tmp_path / "data.yaml"
+    config.write_text("data:\n  name: cifar10\n  resolution: 224\n")
+    assert cli("--model.backbone", "pretrainedmodels:polynet", "--config", str(config)).datamodule.resolution == 224
+    # digits is built as ready tensors: nothing to normalise, nothing derived
+    assert cli("--model.backbone", "timm:vit_tiny_patch16_224", "--data.resolution", "224").datamodule.stats is None
+    with pytest.warns(UserWarning, match="do nothing for 'digits'"):
+        cli("--model.backbone", "timm:resnet18", "--data.mean", "[0.1,0.2,0.3]", "--data.std", "[1,1,1]",
+            "--data.resolution", "32")
 
 
 def test_bad_mean_or_std_is_refused_naming_the_option(tmp_path):
@@ -135,6 +165,16 @@ def test_timm_weights_missing_offline_name_the_file_and_the_option(ckpts, monkey
     msg = str(err.value)
     assert str(ckpts / "timm" / "resnet18.safetensors") in msg and "--model.pretrained false" in msg
     assert "timm/resnet18.a1_in1k" in msg
+
+
+def test_a_timm_model_without_published_weights_says_so(ckpts, monkeypatch):
+    real = timm.create_model("botnet50ts_256", pretrained=False)
+    monkeypatch.setattr(hub_models, "_timm_create",  # a download would fail the test: only random builds here
+                        lambda name, pretrained, **kw: pytest.fail("no download") if pretrained else real)
+    assert not (real.pretrained_cfg.get("hf_hub_id") or real.pretrained_cfg.get("url"))
+    with pytest.raises(FileNotFoundError, match=r"timm publishes no pretrained weights for botnet50ts_256.*"
+                                                r"--model.pretrained false"):
+        hub_models._timm_pretrained("botnet50ts_256")
 
 
 def test_pretrainedmodels_weights_from_a_local_torchvision_file_get_its_head_renamed(ckpts):
