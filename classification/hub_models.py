@@ -38,6 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .registry import register_model, register_model_source
@@ -53,6 +54,17 @@ def layer_choice(model: nn.Module) -> tuple[str, Optional[str]]:
     if convs >= len(linears):
         return "conv", None
     return "linear", ("mlp" if any("mlp" in n for n in linears) else None)
+
+
+def _probe(build) -> nn.Module:
+    """The architecture for its module tree and configuration only: built on the meta device (no memory, no
+    initialisation arithmetic; a ViT-H costs nothing), or normally where the builder needs real numbers (some compute
+    drop-path rates with ``.item()``)."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except Exception:
+        return build()
 
 
 def _submodule(model: nn.Module, path: str):
@@ -94,7 +106,7 @@ def _timm_pretrained(name: str) -> nn.Module:
             raise ValueError(f"timm weights file {local} for model timm:{name} is unreadable or does not fit the "
                              f"architecture ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                              f"). Delete it or put a good copy there") from None
-    cfg = _timm_create(name, False).pretrained_cfg
+    cfg = _probe(lambda: _timm_create(name, False)).pretrained_cfg
     if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
         raise FileNotFoundError(f"timm publishes no pretrained weights for {name} (its pretrained config names none) "
                                 f"and there is no local file {local}: put a state_dict there, or pass "
@@ -119,13 +131,14 @@ def resolve_timm(name: str) -> None:
         raise ValueError("--model.backbone timm:... needs timm: pip install timm (make setup installs it)") from None
     if not timm.is_model(name):
         raise _unknown("timm", name, timm.list_models(), "timm.list_models() lists them")
-    probe = _timm_create(name, False)
+    probe = _probe(lambda: _timm_create(name, False))
     cfg = probe.pretrained_cfg
     head = cfg.get("classifier")
     if isinstance(head, (list, tuple)):  # distilled models (DeiT/LeViT "distilled"): two heads averaged
         raise ValueError(f"timm:{name} has {len(head)} classifier heads ({', '.join(head)}), which this framework does "
                          f"not train together; choose a model with one head (e.g. the non-distilled variant)")
-    if not head or not isinstance(_submodule(probe, head), nn.Linear):
+    # (an Identity head: a checkpoint published without classifier, e.g. ViT-H; reset_classifier makes the Linear)
+    if not head or not isinstance(_submodule(probe, head), (nn.Linear, nn.Identity)):
         raise ValueError(f"timm:{name}'s classifier {head!r} is not one nn.Linear "
                          f"({type(_submodule(probe, head)).__name__ if head else 'none in its pretrained config'}): "
                          f"not supported as a backbone here (a conv head would count as a fine-tuned layer)")
@@ -201,7 +214,7 @@ def resolve_pretrainedmodels(name: str) -> None:
     s = _pm_settings(name)
     scale = 255.0 if list(s.get("input_range", [0, 1]))[-1] == 255 else 1.0
     order = slice(None, None, -1) if s.get("input_space") == "BGR" else slice(None)
-    probe = _pm_build(name)
+    probe = _probe(lambda: _pm_build(name))
     if not isinstance(getattr(probe, "last_linear", None), nn.Linear):
         raise ValueError(f"pretrainedmodels:{name}'s classifier is not one nn.Linear named last_linear "
                          f"({type(getattr(probe, 'last_linear', None)).__name__}): not supported as a backbone here")

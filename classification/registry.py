@@ -137,7 +137,13 @@ def get_spec(name: str) -> ModelSpec:
         prefix, sep, arch = str(name).partition(":")
         if not (sep and arch and prefix in MODEL_SOURCES):
             raise ValueError(f"Unknown model {name!r}; valid choices: {_choices()}")
-        MODEL_SOURCES[prefix][0](arch)  # registers it, or raises saying why not
+        try:
+            MODEL_SOURCES[prefix][0](arch)  # registers it, or raises ValueError saying why not
+        except ValueError:
+            raise
+        except Exception as err:  # the package failed building it: say which model and why, as an unknown name
+            raise ValueError(f"model {name!r} could not be built by {prefix} ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:300] if str(err) else ''})") from err
     return MODELS[name]
 
 

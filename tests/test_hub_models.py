@@ -75,6 +75,13 @@ def test_models_whose_head_is_not_one_linear_are_refused_when_named(name, why):
     assert not is_model(name)
 
 
+def test_a_model_published_without_classifier_gets_a_fresh_linear_head():
+    spec = get_spec("timm:vit_small_patch14_dinov2")  # DINOv2: num_classes 0, an Identity head
+    assert spec.head == "head" and spec.preprocessing["input_size"] == 518
+    net = create_model("timm:vit_small_patch14_dinov2", 3, pretrained=False)
+    assert isinstance(net.head, torch.nn.Linear) and (net.head.in_features, net.head.out_features) == (384, 3)
+
+
 def test_a_1001_class_file_loses_its_background_row_as_pretrainedmodels_does():
     net = hub_models._pm_build("inceptionv4")
     state = dict(net.state_dict())
