@@ -144,6 +144,8 @@ def resolve_timm(name: str) -> None:
                          f"not supported as a backbone here (a conv head would count as a fine-tuned layer)")
     layer_type, include = layer_choice(probe)
     input_size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    # ViT-style patch embeddings refuse another image size (their position embeddings): say so before any work
+    strict = getattr(getattr(probe, "patch_embed", None), "strict_img_size", False) is True
 
     def create(num_classes: int, pretrained: bool, **options) -> nn.Module:
         if options:
@@ -155,6 +157,7 @@ def resolve_timm(name: str) -> None:
     register_model(f"timm:{name}", builder=lambda: _timm_create(name, False), head=head,
                    weights_url=cfg.get("hf_hub_id") or "", weights_file=timm_weights_file(name).name,
                    resolution=input_size, layer_type=layer_type, include=include,
+                   fixed_resolution=input_size if strict else None,
                    preprocessing={"mean": [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))],
                                   "std": [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))],
                                   "input_size": input_size})(create)

@@ -75,6 +75,14 @@ def test_models_whose_head_is_not_one_linear_are_refused_when_named(name, why):
     assert not is_model(name)
 
 
+def test_a_vit_refuses_another_resolution_before_any_work():
+    assert get_spec("timm:vit_tiny_patch16_224").fixed_resolution == 224
+    assert get_spec("timm:resnet18").fixed_resolution is None
+    with pytest.raises(ValueError, match=r"takes 224x224 inputs only.*--data.resolution 224"):
+        ClassificationModel("timm:vit_tiny_patch16_224", num_classes=3, pretrained=False, method="asi",
+                            num_finetune=2, input_shape=[2, 3, 32, 32])
+
+
 def test_a_model_published_without_classifier_gets_a_fresh_linear_head():
     spec = get_spec("timm:vit_small_patch14_dinov2")  # DINOv2: num_classes 0, an Identity head
     assert spec.head == "head" and spec.preprocessing["input_size"] == 518
