@@ -2,6 +2,8 @@
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
+# pytest-xdist workers for `make test` (each test runs single-threaded: conftest.py); TEST_WORKERS=0 runs serially
+TEST_WORKERS ?= 2
 STAMP   := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 # The minimum Python version, from its one place: pyproject.toml's requires-python = ">=X.Y".
 PY_MIN  := $(shell sed -n 's/^requires-python *= *">= *\([0-9][0-9.]*\)".*/\1/p' pyproject.toml)
@@ -24,7 +26,7 @@ $(STAMP): requirements.txt
 	@touch $@
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 demo: setup
 	bash scripts/demo.sh

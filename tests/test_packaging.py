@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("asi_core", "classification", "segmentation")
+PACKAGES = ("asi_core", "asi_hf", "classification", "segmentation")
 
 
 def _can_build_offline() -> bool:
@@ -72,15 +72,16 @@ def test_the_wheel_holds_every_package_and_imports_from_where_it_is_installed(tm
     site = tmp_path / "site"
     subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheel)], check=True, cwd=tmp_path,
                    env=env, capture_output=True, text=True)
-    code = ("import asi_core, classification.cli, segmentation.models\n"
+    code = ("import asi_core, asi_hf, classification.cli, segmentation.models\n"
             "from classification.registry import MODELS\n"
-            "print(asi_core.__file__); print(classification.cli.__file__); print(segmentation.models.__file__)\n"
+            "print(asi_core.__file__); print(asi_hf.__file__); print(classification.cli.__file__)\n"
+            "print(segmentation.models.__file__)\n"
             "print('pspnet_r18' in MODELS and 'tinyllama' in MODELS)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(site)},
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     *files, registered = out.stdout.split()
-    assert len(files) == 3 and registered == "True"
+    assert len(files) == 4 and registered == "True"
     for f in files:
         assert Path(f).resolve().is_relative_to(site.resolve()), f"{f} is not the installed copy under {site}"
 
