@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 from torch import nn
 
 from .patch import patch, patched_layers
+from .perplexity import PAPER_EPSILONS, choose_ranks
 
 __all__ = ["lora_layers", "lora_base_layer", "patch_lora"]
 
@@ -73,7 +74,7 @@ def lora_base_layer(model: nn.Module, lora_a: str) -> str:
 def patch_lora(model: nn.Module, method: str = "asi", num_finetune: Union[int, str] = "all",
                adapter: Optional[str] = None, budget_mib: Union[float, str, None] = None,
                batches: Optional[Iterable] = None, loss_fn: Optional[Callable] = None,
-               epsilons: Sequence[float] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), lean: Optional[bool] = None,
+               epsilons: Sequence[float] = PAPER_EPSILONS, lean: Optional[bool] = None,
                **options) -> list[str]:
     """Compress the inputs of the last ``num_finetune`` (an int or "all") ``lora_A`` linears of ``model`` with
     ``method`` (:func:`asi_core.patch`'s methods and options, e.g. ``ranks=8``). With ``budget_mib`` (MiB, "min", or
@@ -94,8 +95,6 @@ def patch_lora(model: nn.Module, method: str = "asi", num_finetune: Union[int, s
             raise ValueError("give ranks or budget_mib, not both")
         if batches is None:
             raise ValueError("budget_mib needs batches: a few of your training batches to measure the perplexity on")
-        from .perplexity import choose_ranks
-
         choice = choose_ranks(model, batches, budget_mib, loss_fn=loss_fn, layers=names, layer_type="linear",
                               epsilons=epsilons, measure_on={n: lora_base_layer(model, n) for n in names})
         options["ranks"] = choice["ranks"]

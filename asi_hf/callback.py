@@ -83,8 +83,9 @@ class ASICallback(TrainerCallback):
                 f"gradient checkpointing is on and {what} the recomputed decoder layers: checkpointing already keeps "
                 f"only each layer's input, and the compressed activations are made again in the recomputation, so ASI "
                 f"saves nothing more and costs its subspace iteration twice per step. Fix: "
-                f"TrainingArguments(gradient_checkpointing=False) (activation_checkpointing=False in transformers 5) to let ASI keep its compressed activations instead "
-                f"(measure both: asi/measured_activation_mib), or asi_core.unpatch(model) to keep checkpointing alone",
+                f"TrainingArguments(gradient_checkpointing=False) (activation_checkpointing=False in transformers 5) "
+                f"to let ASI keep its compressed activations instead (measure both: asi/measured_activation_mib), or "
+                f"asi_core.unpatch(model) to keep checkpointing alone",
                 ASIWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ measuring one forward
@@ -109,14 +110,10 @@ class ASICallback(TrainerCallback):
         if meter is None:
             return
         meter.stop()
-        if not torch.is_grad_enabled() or not any(meter.input_requires_grad.values()) and not any(
-                layer.last_stats is not None for _, layer in asi_core.patched_layers(self._model)):
-            self._arm()  # a forward without a graph (a no_grad reference or generation pass): measure the next one
-            return
         measured = meter.summary()
-        reports = layer_reports(self._model, meter.input_requires_grad)
-        if not reports or measured["measured_activation_mib"] is None:
-            self._arm()
+        reports = layer_reports(self._model, meter.input_requires_grad)  # the layers that compressed in this forward
+        if not torch.is_grad_enabled() or not reports or measured["measured_activation_mib"] is None:
+            self._arm()  # a forward without a graph (a no_grad reference or generation pass): measure the next one
             return
         tot = totals(reports)
         vanilla = sum(accounting.to_mib(accounting.activation_elements("vanilla", _geometry(self._model, r["name"])),

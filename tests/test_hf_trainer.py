@@ -243,10 +243,13 @@ def test_gradient_checkpointing_warns_naming_the_fix(tmp_path):
 
 
 def test_an_unpatched_model_warns_that_nothing_is_compressed(tmp_path):
+    callback = asi_hf.ASICallback()
     trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path, max_steps=1), train_dataset=dataset(8),
-                      callbacks=[asi_hf.ASICallback()])
-    with pytest.warns(asi_hf.ASIWarning, match=r"asi_core.patch\(model"):
+                      callbacks=[callback])
+    with pytest.warns(asi_hf.ASIWarning, match=r"asi_core.patch\(model") as record:
         trainer.train()
+    assert len([w for w in record if issubclass(w.category, asi_hf.ASIWarning)]) == 1
+    assert callback.metrics == {} and not (tmp_path / "asi_usage.json").exists()  # nothing measured, nothing written
 
 
 def test_attach_puts_the_callback_before_the_reporters(tmp_path):
